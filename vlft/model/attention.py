@@ -1,0 +1,134 @@
+"""Attention kernels behind one setting: "sdpa" (default), "eager" (the reference arithmetic) or "flash_attention_2".
+
+Two shapes of problem:
+- `segment_attention`: tokens of several independent segments laid end to end ([N, H, D]); every token attends only
+  inside its segment (non-causal in the vision tower, causal for packed text rows). Never a dense N x N mask: flash-attn
+  takes the segments as varlen boundaries; sdpa/eager batch the segments of equal length together.
+- `batch_attention`: ordinary [B, H, L, D] causal attention with an optional key-padding mask and a KV cache offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU kernel
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
+
+    HAS_FLASH = True
+except Exception:  # pragma: no cover - flash-attn is not installed on CPU machines
+    HAS_FLASH = False
+
+IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_implementation(name: str) -> str:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {name!r} is not one of {IMPLEMENTATIONS}")
+    if name == "flash_attention_2" and not HAS_FLASH:
+        raise ValueError("attn_implementation 'flash_attention_2' needs the flash-attn package (pip install vlft[flash])")
+    return name
+
+
+def _repeat_kv(x_BHLD: torch.Tensor, groups: int) -> torch.Tensor:
+    return x_BHLD if groups == 1 else x_BHLD.repeat_interleave(groups, dim=1)
+
+
+def eager_attention(q_BHLD, k_BHLD, v_BHLD, mask_BHLL=None, causal=False, scale=None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with the softmax in float32, then cast back (the reference arithmetic)."""
+    scale = q_BHLD.shape[-1] ** -0.5 if scale is None else scale
+    k_BHLD = _repeat_kv(k_BHLD, q_BHLD.shape[1] // k_BHLD.shape[1])
+    v_BHLD = _repeat_kv(v_BHLD, q_BHLD.shape[1] // v_BHLD.shape[1])
+    scores = torch.matmul(q_BHLD, k_BHLD.transpose(-1, -2)) * scale
+    Lq, Lk = scores.shape[-2:]
+    if causal:
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=scores.device).tril(Lk - Lq)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if mask_BHLL is not None:
+        scores = scores.masked_fill(~mask_BHLL, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q_BHLD.dtype)
+    return torch.matmul(probs, v_BHLD)
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=groups > 1)
+
+
+def segment_attention(
+    q_NHD: torch.Tensor,
+    k_NHD: torch.Tensor,
+    v_NHD: torch.Tensor,
+    cu_seqlens: list[int],
+    causal: bool,
+    impl: str,
+    cu_seqlens_dev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention restricted to segments [cu[i], cu[i+1]) of the token axis. Returns [N, H, D].
+
+    `cu_seqlens` is a host list (no device read-back); `cu_seqlens_dev` is the same as an int32 device tensor for
+    flash-attn (built once per forward by the caller and shared by the layers).
+    """
+    if impl == "flash_attention_2":
+        lens = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        cu = cu_seqlens_dev if cu_seqlens_dev is not None else torch.tensor(
+            cu_seqlens, dtype=torch.int32, device=q_NHD.device)
+        m = max(lens)
+        return flash_attn_varlen_func(q_NHD, k_NHD, v_NHD, cu, cu, m, m, causal=causal)
+    out = torch.empty_like(q_NHD)
+    # batch segments of equal length: one kernel call per distinct length instead of one per segment
+    by_len: dict[int, list[int]] = {}
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if b > a:
+            by_len.setdefault(b - a, []).append(a)
+    for length, starts in by_len.items():
+        n = len(starts)
+        contiguous = all(starts[i + 1] - starts[i] == length for i in range(n - 1))
+        if contiguous:
+            sl = slice(starts[0], starts[0] + n * length)
+            q, k, v = (x[sl].view(n, length, *x.shape[1:]).transpose(1, 2) for x in (q_NHD, k_NHD, v_NHD))
+        else:
+            idx = (torch.tensor(starts).view(-1, 1) + torch.arange(length)).view(-1).to(q_NHD.device)
+            q, k, v = (x.index_select(0, idx).view(n, length, *x.shape[1:]).transpose(1, 2)
+                       for x in (q_NHD, k_NHD, v_NHD))
+        if impl == "eager":
+            o = eager_attention(q, k, v, causal=causal)
+        else:
+            o = _sdpa(q, k, v, causal=causal)
+        o = o.transpose(1, 2).reshape(n * length, *q_NHD.shape[1:])
+        if contiguous:
+            out[sl] = o
+        else:
+            out.index_copy_(0, idx, o)
+    return out
+
+
+def batch_attention(
+    q_BHLD: torch.Tensor,
+    k_BHLD: torch.Tensor,
+    v_BHLD: torch.Tensor,
+    key_mask_BL: torch.Tensor | None,
+    impl: str,
+) -> torch.Tensor:
+    """Causal attention of the last Lq positions over Lk >= Lq keys (a KV cache holds the first Lk - Lq).
+
+    key_mask_BL: None when no key may be hidden beyond causality (no padding, or right padding only, where padded
+    positions are never attended by real queries); else [B, Lk] with 1 for real keys.
+    """
+    Lq, Lk = q_BHLD.shape[2], k_BHLD.shape[2]
+    if key_mask_BL is None and (Lq == Lk or Lq == 1):
+        if impl == "flash_attention_2":
+            o = flash_attn_func(q_BHLD.transpose(1, 2), k_BHLD.transpose(1, 2), v_BHLD.transpose(1, 2), causal=Lq > 1)
+            return o.transpose(1, 2)
+        if impl == "eager":
+            return eager_attention(q_BHLD, k_BHLD, v_BHLD, causal=Lq > 1)
+        return _sdpa(q_BHLD, k_BHLD, v_BHLD, causal=Lq > 1)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q_BHLD.device).tril(Lk - Lq)[None, None]
+    if key_mask_BL is not None:
+        allowed = allowed & key_mask_BL.bool()[:, None, None, :]
+        # a query with no visible key (left padding) would give NaN; let it see everything (its output is unused)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+    if impl == "eager":
+        return eager_attention(q_BHLD, k_BHLD, v_BHLD, mask_BHLL=allowed)
+    return _sdpa(q_BHLD, k_BHLD, v_BHLD, mask=allowed)
