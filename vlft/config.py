@@ -145,3 +145,155 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {key}: {p} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
+
+
+# ====================================================================== experiment sections
+# Every field has a default; the comment next to it is the documentation `vlft train --help` points at.
+# Keys are strict: a typo is an error naming the dotted key (see `build`).
+
+from vlft.data.config import DataConfig  # noqa: E402  (the data section is owned by vlft/data)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    # HF folder with config.json + *.safetensors, or "preset:<name>" (e.g. "preset:tiny") for a random model.
+    path: str = ""
+    # Weight dtype. Training on CPU is done in float32 whatever is set here (see train.precision).
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Attention backend: "sdpa" (default, works everywhere), "eager" (reference), "flash_attention_2" (GPU).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Activation checkpointing, separately for the language model and the vision tower.
+    gradient_checkpointing: bool = False
+    vision_gradient_checkpointing: bool = False
+    # Run the vision tower in every step, on a dummy input multiplied by zero when a batch has no image/video,
+    # and images+videos in one call. Required for ZeRO-3 (ranks must agree on collectives); cheap elsewhere.
+    run_vision_always: bool = True
+
+
+@dataclasses.dataclass
+class LoraSection:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # 0.0 means no dropout (it is passed to peft as given)
+    # Targets per part, as module-name suffixes inside each block of that part. An empty list means no LoRA there.
+    language_attention: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    language_mlp: list[str] = dataclasses.field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    # e.g. [attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]; needs freeze.vision=false
+    vision: list[str] = dataclasses.field(default_factory=list)
+    # e.g. [mlp.0, mlp.2]; needs freeze.merger=false
+    merger: list[str] = dataclasses.field(default_factory=list)
+    use_dora: bool = False  # weight-decomposed LoRA (peft use_dora)
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(rank) (peft use_rslora)
+    # Modules trained in full and saved with the adapter (peft modules_to_save), e.g. [visual.merger].
+    train_fully: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class FreezeSection:
+    # A frozen part gets no LoRA and no full training; the check runs after peft wrapped the model.
+    vision: bool = True  # visual.patch_embed + visual.blocks
+    merger: bool = True  # visual.merger
+    language: bool = False  # embed_tokens, decoder layers, final norm and lm_head (which stay frozen unless trained fully)
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 1e-4  # language-model learning rate (LoRA on the language model)
+    vision_lr: float | None = None  # None: same as lr
+    merger_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0  # applied to matrices only (not to biases, norms or DoRA magnitudes)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0  # takes precedence over warmup_ratio when > 0
+    warmup_ratio: float = 0.0  # fraction of the total optimizer steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+
+
+@dataclasses.dataclass
+class TrainSection:
+    output_dir: str = "runs/experiment"
+    epochs: int = 1  # used when max_steps is 0
+    max_steps: int = 0  # optimizer steps; 0: epochs x steps per epoch
+    micro_batch_size: int = 1  # samples per forward on each rank
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    seed: int = 42  # model init (presets), data order (same on every rank), dropout
+    # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16"/"fp16"/"fp32" force it.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    eval_every: int = 0  # evaluate the held-out split every N steps (and at the end); 0: only at the end if any
+    eval_batches: int = 0  # micro-batches per evaluation on each rank; 0: the whole eval split
+    log_every: int = 1  # optimizer steps between metric records
+    max_bad_steps: int = 3  # consecutive NaN/inf steps (skipped and counted) after which the run stops
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    every: int = 0  # save every N optimizer steps (a final checkpoint is always written); 0: only at the end
+    keep_last: int = 2  # complete checkpoints to keep (older ones are deleted); 0 keeps all
+    resume: str | None = None  # None: start fresh; "auto": newest complete checkpoint in output_dir; or a path
+    save_on_signal: bool = True  # SIGTERM/SIGINT: write a checkpoint at the next step boundary, then exit cleanly
+
+
+@dataclasses.dataclass
+class LoggingSection:
+    console: bool = True  # one line per logged step
+    progress_bar: bool = True  # tqdm with loss, lr, tokens/s and ETA (main process only)
+    jsonl: bool = True  # OUTPUT_DIR/metrics.jsonl
+    tensorboard: bool = False  # OUTPUT_DIR/tensorboard
+    wandb: bool = False
+    wandb_project: str = "vlft"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network; `wandb sync` later
+    run_name: str | None = None  # default: the output folder's name
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    freeze: FreezeSection = dataclasses.field(default_factory=FreezeSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks that a type cannot express; each message names the keys involved."""
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (an HF folder or preset:<name>)")
+    if cfg.lora.rank < 1:
+        raise ConfigError(f"lora.rank: must be >= 1, got {cfg.lora.rank}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    for part, frozen in (("vision", cfg.freeze.vision), ("merger", cfg.freeze.merger)):
+        if frozen and getattr(cfg.lora, part):
+            raise ConfigError(f"lora.{part} targets are set but freeze.{part} is true; set freeze.{part}=false")
+    if cfg.freeze.language and (cfg.lora.language_attention or cfg.lora.language_mlp):
+        raise ConfigError("freeze.language is true but lora.language_attention/lora.language_mlp are set; "
+                          "empty them to freeze the language model")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    for key in ("micro_batch_size", "gradient_accumulation", "log_every", "max_bad_steps"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError("train.max_steps and train.epochs are both 0: nothing to train")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    return cfg
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an experiment YAML, apply `section.key=value` overrides, build and check the typed config."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    return validate(build(ExperimentConfig, data))
+
+
+def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:
+    """The resolved config as YAML text (written to `path` too when given). Holds no secrets: none are config keys."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
