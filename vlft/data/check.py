@@ -1,0 +1,141 @@
+"""`vlft data check CONFIG`: process every sample of an experiment's datasets without the model and report.
+
+CONFIG is an experiment YAML (its `data:` section is used, other sections ignored) or a YAML holding only the data
+section. Prints the sample count, text / visual / total tokens per sample (min, median, p95, max), how many samples
+exceed max_length, every bad sample with its reason, and seconds per sample. Exit status 1 when any sample is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from vlft.config import ConfigError, apply_overrides, build, load_yaml
+from vlft.data.config import DataConfig
+from vlft.data.dataset import SampleProcessor, dataset_name
+from vlft.data.errors import SampleError
+from vlft.data.formats import RecordSource
+
+
+def load_data_config(path: str, overrides: list[str] = ()) -> tuple[DataConfig, dict]:
+    """DataConfig from an experiment YAML (its data: section) or a data-only YAML; overrides `a.b=c` (a leading
+    `data.` is optional). Returns (config, the whole YAML mapping)."""
+    raw = load_yaml(path)
+    section = raw["data"] if isinstance(raw.get("data"), dict) else raw
+    apply_overrides(section, [o[len("data."):] if o.startswith("data.") else o for o in overrides])
+    return build(DataConfig, section, "data"), raw
+
+
+def _tokenizer_path(cfg: DataConfig, raw: dict, given: str | None) -> str | None:
+    if given or cfg.tokenizer:
+        return given or cfg.tokenizer
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    for key in ("tokenizer", "path", "name_or_path", "pretrained"):
+        if isinstance(model.get(key), str):
+            return model[key]
+    return None
+
+
+def _stats(values: list[int]) -> tuple:
+    if not values:
+        return ("-",) * 4
+    v = sorted(values)
+    p95 = v[min(len(v) - 1, max(0, -(-95 * len(v) // 100) - 1))]  # nearest-rank percentile
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return v[0], median, p95, v[-1]
+
+
+def run_check(cfg: DataConfig, tokenizer, out=sys.stdout, limit: int | None = None) -> int:
+    from tqdm import tqdm
+
+    # measure full lengths: over-length samples are counted here, not dropped
+    processor = SampleProcessor(dataclasses.replace(cfg, max_length=sys.maxsize), tokenizer)
+    ids = processor.ids
+    text, visual, total = [], [], []
+    bad: list[SampleError] = []
+    over, over_untruncatable = [], 0
+    n = 0
+    start = time.perf_counter()
+    for dc in list(cfg.datasets) + list(cfg.eval_datasets):
+        source = RecordSource(dc.path, streaming=dc.streaming)
+        size = None if dc.streaming else len(source)
+        bar = tqdm(total=size if limit is None or size is None else min(size, limit), desc=dataset_name(dc),
+                   unit="sample", disable=None, file=sys.stderr)
+        for index, record in source:
+            if limit is not None and index >= limit:
+                break
+            n += 1
+            bar.update(1)
+            try:
+                s = processor(record, dc, index)
+            except SampleError as e:
+                bad.append(e)
+                continue
+            tok = s["input_ids"].tolist()
+            vis = sum(1 for t in tok if t in (ids.image_pad, ids.video_pad))
+            visual.append(vis)
+            text.append(len(tok) - vis)
+            total.append(len(tok))
+            if len(tok) > cfg.max_length:
+                over.append((dataset_name(dc), index, len(tok)))
+                ends = [i for i, t in enumerate(tok) if t == ids.vision_end]
+                if cfg.overlength == "drop" or (ends and ends[-1] + 1 > cfg.max_length):
+                    over_untruncatable += 1
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"samples: {n} ({n - len(bad)} ok, {len(bad)} bad)")
+    p(f"{'tokens per sample':<20}{'min':>8}{'median':>10}{'p95':>8}{'max':>8}")
+    for label, values in (("text", text), ("visual", visual), ("total", total)):
+        lo, med, p95, hi = _stats(values)
+        p(f"  {label:<18}{lo:>8}{med:>10}{p95:>8}{hi:>8}")
+    action = "dropped" if cfg.overlength == "drop" else "text truncated"
+    p(f"over max_length {cfg.max_length}: {len(over)} (overlength={cfg.overlength}: {action}; "
+      f"{over_untruncatable} would be dropped)")
+    for name, index, length in over[:50]:
+        p(f"  {name} sample {index}: {length} tokens")
+    if bad:
+        p("bad samples:")
+        for e in bad:
+            p(f"  {e.dataset} sample {e.index}: {e.reason}")
+    p(f"seconds per sample: {seconds / max(n, 1):.4f}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlft data", description="data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="process every sample without the model and report")
+    c.add_argument("config", help="experiment YAML (its data: section) or a data-only YAML")
+    c.add_argument("overrides", nargs="*", help="data.key=value overrides")
+    c.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer, else the model path)")
+    c.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the report lists problems; per-sample warnings would repeat them
+    try:
+        cfg, raw = load_data_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"vlft data check: {e}", file=sys.stderr)
+        return 2
+    tok_path = _tokenizer_path(cfg, raw, args.tokenizer)
+    if tok_path is None:
+        print("vlft data check: no tokenizer: set data.tokenizer, model.path, or pass --tokenizer", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    base = Path(args.config).parent
+    for dc in list(cfg.datasets) + list(cfg.eval_datasets):  # relative dataset paths are relative to the YAML
+        if not Path(dc.path).is_absolute() and not Path(dc.path).exists():
+            dc.path = str(base / dc.path)
+    try:
+        return run_check(cfg, tokenizer, limit=args.limit)
+    except FileNotFoundError as e:
+        print(f"vlft data check: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,128 @@
+"""Image preprocessing for Qwen2.5-VL (sheet 2.2-2.6), matching transformers' PIL-backend Qwen2-VL image processor.
+
+Steps: RGB conversion (transparency composited on white) -> smart_resize to multiples of 28 px -> PIL bicubic on uint8
+-> rescale 1/255 in float64 then float32 -> CLIP mean/std -> 14x14 patches in merge-block-major order, each frame
+duplicated to fill the temporal patch of 2. Output rows are 3*2*14*14 = 1176 floats.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vlft.data.errors import BadInput
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28 px: one merged token covers 28x28 pixels
+MAX_RATIO = 200
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Hub limits (sheet 2.1). vlft's fine-tuning default (DataConfig.max_pixels) is much lower: see vlft/data/config.py.
+HUB_MIN_PIXELS = 4 * FACTOR * FACTOR  # 3136
+HUB_MAX_PIXELS = 16384 * FACTOR * FACTOR  # 12845056
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+    """Target (h, w), multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect ratio kept (sheet 2.2).
+
+    Python's round() rounds half to even, as transformers does. Steps 3/4 use the original size, not the rounded one.
+    """
+    if min(height, width) <= 0:
+        raise BadInput(f"image has an empty side ({height}x{width})")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise BadInput(f"aspect ratio {max(height, width) / min(height, width):.1f} of a {height}x{width} image "
+                       f"is over {MAX_RATIO}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy; any transparency is composited on white (the same route as transformers' convert_to_rgb)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open (fully decode) an image file or take a PIL image; RGB out. Data problems raise BadInput."""
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise BadInput(f"image file not found: {path}")
+        try:
+            with Image.open(path) as f:
+                f.load()
+                img = f.copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise BadInput(f"cannot read image {path}: {e}") from None
+    if img.width == 0 or img.height == 0:
+        raise BadInput(f"empty image ({img.width}x{img.height})")
+    return to_rgb(img)
+
+
+def resize_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """PIL bicubic resize on uint8 (a same-size resize is a copy); [H, W, 3] uint8."""
+    if (image.height, image.width) != (height, width):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(frames_uint8: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] uint8 -> [..., 3, H, W] float32: x/255 computed in float64 then cast, then CLIP mean/std in float32."""
+    x = (frames_uint8.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = np.moveaxis(x, -1, -3)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def patchify(frames_TCHW: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Cut T frames (T even) of size (H, W), multiples of 28, into rows of 1176 (sheet 2.6 / 3.2).
+
+    Rows go temporal group first, then merge block (bh, bw), then (mh, mw) inside the block, so that each 2x2 group of
+    patches the merger joins is 4 consecutive rows. Each row is flattened (c, t, py, px).
+    Returns (pixel_values [t*gh*gw, 1176] float32, grid [t, gh, gw] in patch units).
+    """
+    T, C, H, W = frames_TCHW.shape
+    P, M, TP = PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE
+    assert T % TP == 0 and H % (P * M) == 0 and W % (P * M) == 0, (T, H, W)
+    gt, gh, gw = T // TP, H // P, W // P
+    x = frames_TCHW.reshape(gt, TP, C, gh // M, M, P, gw // M, M, P)
+    # (gt, tp, c, bh, mh, py, bw, mw, px) -> (gt, bh, bw, mh, mw, c, tp, py, px)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x).reshape(gt * gh * gw, C * TP * P * P), [gt, gh, gw]
+
+
+def process_image(
+    image: ImageLike, min_pixels: int = HUB_MIN_PIXELS, max_pixels: int = HUB_MAX_PIXELS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image -> (pixel_values [N, 1176] float32, image_grid_thw [1, 3] int64); N = gh*gw patches, N/4 tokens."""
+    img = load_image(image)
+    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
+    frame = normalize(resize_rgb(img, h, w))  # [3, h, w]
+    frames = np.broadcast_to(frame[None], (TEMPORAL_PATCH_SIZE, *frame.shape))  # a still image fills both slices
+    pixels, grid = patchify(frames)
+    return torch.from_numpy(pixels), torch.tensor([grid], dtype=torch.int64)
