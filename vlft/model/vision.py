@@ -18,7 +18,11 @@ from vlft.model.vision_index import full_cu_seqlens, rotary_pos_ids, window_inde
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = (T, P, P) and no bias, i.e. a linear map of each flattened (c, t, py, px) row."""
+    """Conv3d with kernel = stride = (T, P, P) and no bias: a linear map of each flattened (c, t, py, px) row.
+
+    Kept as a convolution (not a matmul) because the two round differently in bf16, and the released model's numerics
+    come from the convolution.
+    """
 
     def __init__(self, in_channels: int, temporal: int, patch: int, dim: int):
         super().__init__()
@@ -26,9 +30,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.shape[1:], stride=self.shape[1:], bias=False)
 
     def forward(self, pixels_NP: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
-        # one matmul instead of a strided convolution: the kernel covers each patch exactly once
-        return F.linear(pixels_NP.to(w.dtype), w.view(w.shape[0], -1))
+        x = pixels_NP.to(self.proj.weight.dtype).view(-1, *self.shape)
+        return self.proj(x).view(x.shape[0], -1)
 
 
 class VisionAttention(nn.Module):
