@@ -50,8 +50,10 @@ def _stats(values: list[int]) -> tuple:
     return v[0], median, p95, v[-1]
 
 
-def run_check(cfg: DataConfig, tokenizer, out=sys.stdout, limit: int | None = None) -> int:
+def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) -> int:
     from tqdm import tqdm
+
+    out = out or sys.stdout
 
     # measure full lengths: over-length samples are counted here, not dropped
     processor = SampleProcessor(dataclasses.replace(cfg, max_length=sys.maxsize), tokenizer)
