@@ -101,12 +101,12 @@ class SampleProcessor:
         out = {"input_ids": torch.tensor(input_ids, dtype=torch.long),
                "labels": torch.tensor(labels, dtype=torch.long)}
         if images:
-            out["pixel_values"] = torch.cat([p for p, _ in images])
-            out["image_grid_thw"] = torch.cat([g for _, g in images])
+            out["pixel_values"] = _cat([p for p, _ in images])
+            out["image_grid_thw"] = _cat([g for _, g in images])
         if videos:
-            out["pixel_values_videos"] = torch.cat([p for p, _, _ in videos])
-            out["video_grid_thw"] = torch.cat([g for _, g, _ in videos])
-            out["second_per_grid_ts"] = torch.cat([s for _, _, s in videos])
+            out["pixel_values_videos"] = _cat([p for p, _, _ in videos])
+            out["video_grid_thw"] = _cat([g for _, g, _ in videos])
+            out["second_per_grid_ts"] = _cat([s for _, _, s in videos])
         return out
 
     def _fit(self, input_ids: list[int], labels: list[int], name: str, index: int):
@@ -126,6 +126,10 @@ class SampleProcessor:
                                                "assistant token", "overlength")
             return input_ids, labels
         raise SampleError(name, index, f"{L} tokens > max_length {max_len} (dropped)", "overlength")
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # a single item needs no copy
 
 
 def _process_or_skip(processor: SampleProcessor, record, dc, index) -> dict | Skipped:

@@ -99,12 +99,30 @@ def normalize(frames_uint8: np.ndarray) -> np.ndarray:
     return (x - mean) / std
 
 
+def _lookup_table() -> np.ndarray:
+    """[3, 256] float32: the normalised value of every byte in every channel, computed with normalize's arithmetic,
+    so indexing it gives the same bits as normalising (and is several times faster than float64 maths per pixel)."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)  # [1, 256, 3] as an "image"
+    return normalize(values)[:, 0, :]  # [3, 256]
+
+
+_LUT = _lookup_table()
+
+
+def patchify_normalize(frames_THWC: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """patchify(normalize(frames)) for uint8 frames [T, H, W, 3]: the layout is done on bytes, then each byte is
+    replaced by its normalised value (bit-identical to normalising first)."""
+    rows, grid = patchify(frames_THWC.transpose(0, 3, 1, 2))
+    channel = np.repeat(np.arange(3, dtype=np.intp), rows.shape[1] // 3) * 256  # column -> channel offset
+    return _LUT.reshape(-1)[rows.astype(np.intp) + channel], grid
+
+
 def patchify(frames_TCHW: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Cut T frames (T even) of size (H, W), multiples of 28, into rows of 1176 (sheet 2.6 / 3.2).
 
     Rows go temporal group first, then merge block (bh, bw), then (mh, mw) inside the block, so that each 2x2 group of
     patches the merger joins is 4 consecutive rows. Each row is flattened (c, t, py, px).
-    Returns (pixel_values [t*gh*gw, 1176] float32, grid [t, gh, gw] in patch units).
+    Returns (pixel_values [t*gh*gw, 1176] in the input dtype, grid [t, gh, gw] in patch units).
     """
     T, C, H, W = frames_TCHW.shape
     P, M, TP = PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE
@@ -122,7 +140,7 @@ def process_image(
     """One image -> (pixel_values [N, 1176] float32, image_grid_thw [1, 3] int64); N = gh*gw patches, N/4 tokens."""
     img = load_image(image)
     h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
-    frame = normalize(resize_rgb(img, h, w))  # [3, h, w]
+    frame = resize_rgb(img, h, w)  # [h, w, 3] uint8
     frames = np.broadcast_to(frame[None], (TEMPORAL_PATCH_SIZE, *frame.shape))  # a still image fills both slices
-    pixels, grid = patchify(frames)
+    pixels, grid = patchify_normalize(frames)
     return torch.from_numpy(pixels), torch.tensor([grid], dtype=torch.int64)

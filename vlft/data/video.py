@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlft.data.errors import BadInput
-from vlft.data.image import FACTOR, TEMPORAL_PATCH_SIZE, load_image, normalize, patchify, resize_rgb, smart_resize
+from vlft.data.image import FACTOR, TEMPORAL_PATCH_SIZE, load_image, patchify_normalize, resize_rgb, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def process_video(
     lo, hi = frame_budget(len(frames), min_pixels, max_pixels, total_pixels)
     h, w = smart_resize(frames[0].height, frames[0].width, lo, hi)
     stack = np.stack([resize_rgb(f, h, w) for f in frames])  # [T, h, w, 3] uint8
-    pixels, grid = patchify(normalize(stack))
+    pixels, grid = patchify_normalize(stack)
     if info.second_per_grid_t * tokens_per_second < 1:
         log.warning(
             "video %s: %.3g frames/s kept gives %.3g s per temporal patch; with tokens_per_second=%g consecutive "
