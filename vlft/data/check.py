@@ -62,7 +62,7 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
     bad: list[SampleError] = []
     over, over_untruncatable = [], 0
     n = 0
-    start = time.perf_counter()
+    seconds = 0.0  # processing time only (not opening the files)
     for dc in list(cfg.datasets) + list(cfg.eval_datasets):
         source = RecordSource(dc.path, streaming=dc.streaming)
         size = None if dc.streaming else len(source)
@@ -73,11 +73,14 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
                 break
             n += 1
             bar.update(1)
+            start = time.perf_counter()
             try:
                 s = processor(record, dc, index)
             except SampleError as e:
                 bad.append(e)
                 continue
+            finally:
+                seconds += time.perf_counter() - start
             tok = s["input_ids"].tolist()
             vis = sum(1 for t in tok if t in (ids.image_pad, ids.video_pad))
             visual.append(vis)
@@ -89,7 +92,6 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
                 if cfg.overlength == "drop" or (ends and ends[-1] + 1 > cfg.max_length):
                     over_untruncatable += 1
         bar.close()
-    seconds = time.perf_counter() - start
 
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"samples: {n} ({n - len(bad)} ok, {len(bad)} bad)")
