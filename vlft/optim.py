@@ -51,12 +51,13 @@ def warmup_steps(optim: OptimSection, total_steps: int) -> int:
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the base lr for optimizer step `step` (0-based). Warm-up is linear and reaches 1 on its last
-    step (the first step already trains at 1/warmup); then the decay goes from 1 to `min_ratio` at the last step."""
+    step (the first step already trains at 1/warmup); then the decay goes from 1 towards `min_ratio`, which it
+    would reach one step after the last (so the last step still learns)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":

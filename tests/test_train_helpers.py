@@ -1,0 +1,63 @@
+"""Shared helpers of the training tests: a tiny workspace (tokenizer, synthetic data, experiment YAML)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(root: Path, paths: dict[str, str], **sections) -> dict:
+    """The test experiment: tiny preset, LoRA on language + vision attention, merger trained fully, fp32, no workers."""
+    cfg = {
+        "model": {"path": "preset:tiny", "dtype": "float32"},
+        "lora": {"rank": 4, "alpha": 8, "vision": ["attn.qkv"], "train_fully": ["visual.merger"]},
+        "freeze": {"vision": False, "merger": False},
+        "data": {"datasets": [{"path": paths["train"]}], "tokenizer": paths["tokenizer"], "min_pixels": 3136,
+                 "max_pixels": 3136, "video_min_pixels": 1024, "video_max_pixels": 3136, "video_total_pixels": 12544,
+                 "video_min_frames": 2, "video_max_frames": 4, "max_length": 256, "num_workers": 0},
+        "optim": {"lr": 5e-3, "warmup_steps": 1, "schedule": "cosine", "max_grad_norm": 1.0},
+        "train": {"output_dir": str(root / "out"), "max_steps": 4, "micro_batch_size": 2,
+                  "gradient_accumulation": 2, "precision": "fp32", "seed": 0},
+        "checkpoint": {"every": 0, "keep_last": 2},
+        "logging": {"progress_bar": False, "console": False, "jsonl": True},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def workspace(root: Path, kinds: list[str] | None = None, **sections) -> tuple[Path, dict]:
+    """Write data and a config YAML under `root`; returns (yaml path, config dict)."""
+    from vlft.train_cli import make_tiny_data
+
+    data = make_tiny_data(root / "data", kinds or ["text", "image"] * 8)
+    cfg = tiny_config(root, data, **sections)
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path, copy.deepcopy(cfg)
+
+
+def run_in_process(path: Path, *overrides: str) -> dict:
+    """Run recipes/sft.py in this process on one CPU thread (small tensors: threads only add contention)."""
+    from vlft.config import load_experiment
+    from vlft.train_cli import load_recipe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_recipe().run(load_experiment(path, list(overrides)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_workspace_config_validates(tmp_path):
+    from vlft.config import load_experiment
+
+    path, _ = workspace(tmp_path, ["text", "image"])
+    cfg = load_experiment(path)
+    assert cfg.lora.train_fully == ["visual.merger"] and cfg.data.datasets[0].path.endswith("train.jsonl")
