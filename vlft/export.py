@@ -1,0 +1,613 @@
+"""`vlft export merged|adapter`: merged HF folders and PEFT adapters that transformers, peft and serving engines load.
+
+    vlft export merged  --adapter CKPT [--base BASE] --out DIR [--dtype bf16|fp16|fp32] [--overwrite]
+    vlft export adapter --adapter CKPT [--base BASE] --out DIR [--for-vllm] [--overwrite]
+
+CKPT is a training checkpoint (`checkpoint-N/`, see vlft/checkpoint.py), a run folder (its newest complete checkpoint
+is used) or any PEFT LoRA/DoRA folder saved from vlft or from transformers. BASE defaults to the path the checkpoint
+records in base_model.json.
+
+The merge streams tensor by tensor: each base shard is read one tensor at a time, merged in float32 and written to
+the output shard at once, so host memory holds one tensor (plus its float32 copy) and the adapter, never a shard or
+the model. Output keys are in the Hub layout (sheet 9.1) and keep the base's sharding. Everything is written to a
+temporary folder next to DIR and renamed at the end, so a failure leaves nothing half-written.
+
+Merge math (what peft computes, written out here; checked against peft's own merge in tests/test_export.py):
+    LoRA:  W' = W + s * B @ A,                 s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+    DoRA:  W' = m / ||W + s*B@A||_row * (W + s*B@A)   (norm over the input dim, per output row; bias unchanged)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlft.model.weights import DTYPES, to_hub_key, weight_files
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+# peft options whose merge this module does not implement: refused rather than merged wrongly
+UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "use_bdlora": None, "target_parameters": None,
+               "alora_invocation_tokens": None, "trainable_token_indices": None}
+
+
+class ExportError(ValueError):
+    """Bad input for an export: the message names the file, key or option."""
+
+
+# ============================================================================= safetensors, one tensor at a time
+# The file format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+# then the raw little-endian data. Reading and writing it directly lets the merge hold a single tensor.
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int, dict]:
+    """({name: {dtype, shape, data_offsets}}, offset of the data area, __metadata__)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ExportError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path}: unreadable safetensors header ({e})") from None
+    meta = header.pop("__metadata__", {}) or {}
+    return header, 8 + n, meta
+
+
+def read_tensor(f, entry: dict, data_start: int, path: Path) -> torch.Tensor:
+    if entry["dtype"] not in ST_DTYPES:
+        raise ExportError(f"{path}: tensor dtype {entry['dtype']} is not supported")
+    t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    if end - begin != t.numel() * t.element_size():
+        raise ExportError(f"{path}: a tensor's byte range does not match its shape {entry['shape']}")
+    if t.numel():
+        f.seek(data_start + begin)
+        got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        if got != end - begin:
+            raise ExportError(f"{path} is truncated")
+    return t
+
+
+class ShardWriter:
+    """Writes a safetensors file whose tensor names, dtypes and shapes are known up front, tensor by tensor."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict | None = None):
+        header, offset = {}, 0
+        self.expected = []
+        for name, dtype, shape in entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.expected.append((name, dtype, list(shape)))
+            offset += nbytes
+        header["__metadata__"] = metadata or {"format": "pt"}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data area starts 8-byte aligned, as the safetensors library writes it
+        self.f = open(path, "wb")
+        self.f.write(len(text).to_bytes(8, "little") + text)
+        self.i = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self.expected[self.i]
+        if (name, t.dtype, list(t.shape)) != want:
+            raise RuntimeError(f"shard writer: got {name} {t.dtype} {list(t.shape)}, expected {want}")
+        if t.numel():
+            self.f.write(memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+        self.i += 1
+
+    def finish(self) -> None:
+        self.f.close()
+        if self.i != len(self.expected):
+            raise RuntimeError(f"shard writer: {self.i} of {len(self.expected)} tensors written")
+
+
+def tensor_bytes(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+# ============================================================================= the adapter
+@dataclass
+class LoraWeights:
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+    magnitude: torch.Tensor | None = None  # [out], DoRA only
+
+
+@dataclass
+class Adapter:
+    """A checkpoint's adapter in Hub names: LoRA per module (`model.layers.0.self_attn.q_proj`) and the fully trained
+    parameters (`visual.merger.mlp.0.weight`)."""
+
+    folder: Path
+    config: dict
+    lora: dict[str, LoraWeights] = field(default_factory=dict)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        ts = [t for w in self.lora.values() for t in (w.A, w.B, w.magnitude) if t is not None] + list(self.full.values())
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A folder with adapter_config.json; a run folder resolves to its newest complete checkpoint-N."""
+    from vlft.checkpoint import MARKER, complete_checkpoints
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ExportError(f"adapter checkpoint not found: {p}")
+    if not (p / ADAPTER_CONFIG).is_file():
+        done = complete_checkpoints(p)
+        if done:
+            print(f"using the newest complete checkpoint of {p}: {done[-1].name}", file=sys.stderr)
+            return done[-1]
+        raise ExportError(f"{p} holds no {ADAPTER_CONFIG} and no complete checkpoint-N folder")
+    if (p / "trainer_state.json").is_file() and not (p / MARKER).is_file():
+        raise ExportError(f"{p} is an incomplete checkpoint (no {MARKER} marker): its save was interrupted")
+    return p
+
+
+def _alpha_for(name: str, config: dict) -> float:
+    for key, alpha in (config.get("alpha_pattern") or {}).items():  # peft's rule: the pattern ends the module name
+        if re.match(rf"(.*\.)?({key})$", name):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read and check a PEFT LoRA/DoRA adapter; keys saved from vlft (Hub layout) or transformers v5 both work."""
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(path)
+    weights_file = folder / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise ExportError(f"{folder}: {ADAPTER_WEIGHTS} is missing"
+                          + (" (only a pickle adapter_model.bin; vlft reads safetensors only)"
+                             if (folder / "adapter_model.bin").is_file() else ""))
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ExportError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LORA (with or "
+                          "without DoRA) can be exported")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key) not in (default, None, [], {}):
+            raise ExportError(f"{folder / ADAPTER_CONFIG}: {key}={config[key]!r} is not supported by vlft export")
+    if config.get("bias", "none") != "none":
+        raise ExportError(f"{folder / ADAPTER_CONFIG}: bias={config['bias']!r}; only bias='none' is supported")
+    state = load_file(str(weights_file))
+    adapter = Adapter(folder, config)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        if t.numel() == 0:
+            raise ExportError(f"{weights_file}: tensor {key} is empty; the checkpoint was saved without gathering "
+                              "ZeRO-3 shards (save with vlft's recipe, which gathers them)")
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", name)
+        if m:
+            kind = m.group(2).split(".")[0]
+            parts.setdefault(to_hub_key(m.group(1)), {})[kind] = t
+        elif ".lora_" in name:
+            raise ExportError(f"{weights_file}: {key} is a kind of LoRA weight vlft export does not merge")
+        else:  # a parameter of a fully trained module (peft modules_to_save)
+            adapter.full[to_hub_key(name)] = t
+    rslora = bool(config.get("use_rslora"))
+    for module, p in parts.items():
+        if "lora_A" not in p or "lora_B" not in p:
+            raise ExportError(f"{weights_file}: {module} has {sorted(p)} but needs both lora_A and lora_B")
+        A, B = p["lora_A"], p["lora_B"]
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+            raise ExportError(f"{weights_file}: {module} lora_A {list(A.shape)} and lora_B {list(B.shape)} are not "
+                              "the two factors of a Linear LoRA")
+        alpha = _alpha_for(module, config)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        adapter.lora[module] = LoraWeights(A, B, scale, p.get("lora_magnitude_vector"))
+    both = [m for m in adapter.lora if any(k.startswith(m + ".") for k in adapter.full)]
+    if both:
+        raise ExportError(f"{weights_file}: {both[0]} has LoRA weights and is also trained fully")
+    if not adapter.lora and not adapter.full:
+        raise ExportError(f"{weights_file} holds no LoRA weights and no trained modules")
+    return adapter
+
+
+def part_of(hub_name: str) -> str:
+    if hub_name.startswith("visual.merger"):
+        return "merger"
+    return "vision" if hub_name.startswith("visual.") else "language"
+
+
+def merge_weight(W: torch.Tensor, w: LoraWeights, out_dtype: torch.dtype) -> torch.Tensor:
+    """W [out, in] merged with one LoRA/DoRA module, computed in float32 whatever the storage dtype."""
+    merged = W.to(torch.float32)  # a float32 W is modified in place: the caller hands over its own tensor
+    merged.addmm_(w.B.to(torch.float32), w.A.to(torch.float32), alpha=w.scale)
+    if w.magnitude is not None:
+        norm = torch.linalg.vector_norm(merged, dim=1)
+        merged.mul_((w.magnitude.to(torch.float32) / norm).unsqueeze(1))
+    return merged.to(out_dtype)
+
+
+def check_fits(adapter: Adapter, shapes: dict[str, list[int]], base: Path) -> None:
+    """Fail naming the keys when the adapter was trained on a base of another shape (or architecture)."""
+    problems = []
+    for module, w in adapter.lora.items():
+        key = module + ".weight"
+        want = [w.B.shape[0], w.A.shape[1]]
+        if key not in shapes:
+            problems.append(f"{module} (LoRA target) is not in the base")
+        elif shapes[key] != want:
+            problems.append(f"{key} is {shapes[key]} in the base but the LoRA factors make {want}")
+        elif w.magnitude is not None and list(w.magnitude.shape) != [want[0]]:
+            problems.append(f"{module} DoRA magnitude is {list(w.magnitude.shape)}, expected [{want[0]}]")
+    for key, t in adapter.full.items():
+        if key not in shapes:
+            problems.append(f"{key} (fully trained) is not in the base")
+        elif shapes[key] != list(t.shape):
+            problems.append(f"{key} is {shapes[key]} in the base but {list(t.shape)} in the adapter")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ExportError(f"the adapter {adapter.folder} does not fit the base {base}; was it trained on another "
+                          f"base model size?\n  " + "\n  ".join(problems[:8]) + more)
+
+
+def apply_adapter(model: torch.nn.Module, adapter: Adapter, parts: tuple[str, ...] = ("language", "vision", "merger")
+                  ) -> None:
+    """Merge an adapter into a loaded vlft model in place (generation and evaluation use this)."""
+    params = dict(model.named_parameters())
+    check_fits(adapter, {k: list(v.shape) for k, v in params.items()}, Path("<loaded model>"))
+    with torch.no_grad():
+        for module, w in adapter.lora.items():
+            if part_of(module) in parts:
+                p = params[module + ".weight"]
+                p.copy_(merge_weight(p.detach().clone(), w, p.dtype))
+        for key, t in adapter.full.items():
+            if part_of(key) in parts:
+                params[key].copy_(t.to(params[key].dtype))
+
+
+# ============================================================================= the streaming merge
+def base_shapes(base: Path) -> tuple[list[Path], dict[str, list[int]]]:
+    files = weight_files(base)
+    shapes = {}
+    for f in files:
+        header, _, _ = read_header(f)
+        shapes.update({to_hub_key(k): v["shape"] for k, v in header.items()})
+    return files, shapes
+
+
+def merge_into(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype | None,
+               parts: tuple[str, ...] = ("language", "vision", "merger")) -> dict[str, int]:
+    """Write the base's weights with the adapter's `parts` merged into `out` (Hub keys, the base's shards).
+    Returns counts of what was merged."""
+    files, shapes = base_shapes(base)
+    check_fits(adapter, shapes, base)
+    lora = {m + ".weight": w for m, w in adapter.lora.items() if part_of(m) in parts}
+    full = {k: t for k, t in adapter.full.items() if part_of(k) in parts}
+    counts = {"lora": 0, "dora": 0, "full": 0}
+    weight_map, total = {}, 0
+    for path in files:
+        header, start, meta = read_header(path)
+        names = sorted(header, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
+        entries = [(to_hub_key(k), dtype or ST_DTYPES[header[k]["dtype"]], header[k]["shape"]) for k in names]
+        writer = ShardWriter(out / path.name, entries, {**meta, "format": "pt"})
+        try:
+            with open(path, "rb") as f:
+                for k, (name, out_dtype, _) in zip(names, entries):
+                    t = read_tensor(f, header[k], start, path)
+                    if name in lora:
+                        t = merge_weight(t, lora[name], out_dtype)
+                        counts["dora" if lora[name].magnitude is not None else "lora"] += 1
+                    elif name in full:
+                        t = full[name].to(out_dtype)
+                        counts["full"] += 1
+                    else:
+                        t = t.to(out_dtype)
+                    writer.write(name, t)
+                    weight_map[name] = path.name
+                    total += t.numel() * t.element_size()
+                    del t
+            writer.finish()
+        finally:
+            writer.f.close()  # on an error: the caller removes the temporary folder
+    if len(files) > 1 or (base / "model.safetensors.index.json").is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return counts
+
+
+# ============================================================================= HF folder extras
+def copy_extras(sources: list[Path], out: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Copy each named file from the first source folder that has it; returns {name: source folder}."""
+    got = {}
+    for name in names:
+        for src in sources:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+                got[name] = src
+                break
+    return got
+
+
+def write_configs(base: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """config.json from the base (dtype updated when converted) and generation_config.json (the base's, or one
+    made from the config's token ids like the Hub's)."""
+    config = json.loads((base / "config.json").read_text())
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        config["torch_dtype"] = name
+        for d in (config, config.get("text_config") or {}):
+            if "dtype" in d:
+                d["dtype"] = name
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", out / "generation_config.json")
+        return
+    text = config.get("text_config") or config
+    bos = config.get("bos_token_id", text.get("bos_token_id"))
+    eos = config.get("eos_token_id", text.get("eos_token_id"))
+    gen = {"bos_token_id": bos, "eos_token_id": [e for e in dict.fromkeys([eos, bos]) if e is not None],
+           "pad_token_id": config.get("pad_token_id") or bos, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def report_extras(got: dict[str, Path], ckpt: Path) -> list[str]:
+    lines = []
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        if name not in got:
+            lines.append(f"warning: no {name} in the checkpoint or the base; inference will use default pixel/frame "
+                         "limits, not those of training")
+        elif got[name] != ckpt:
+            lines.append(f"warning: {name} comes from the base, not the checkpoint: its limits may differ from training")
+    if not any(n in got for n in ("tokenizer.json", "vocab.json")):
+        lines.append("warning: no tokenizer files in the checkpoint or the base")
+    return lines
+
+
+# ============================================================================= output folders, atomically
+def prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
+    """Refuse a non-empty output (unless overwrite) and an output inside an input; return the temporary folder."""
+    out = out.absolute()
+    for p in inputs:
+        p = p.absolute()
+        if out == p or p in out.parents or out in p.parents:
+            raise ExportError(f"--out {out} overlaps the input folder {p}")
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"--out {out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_out(tmp: Path, out: Path) -> None:
+    """Put the finished temporary folder in place of `out` (an old `out` is removed only after the rename)."""
+    out = out.absolute()
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_base(base: str | None, ckpt: Path) -> Path:
+    if base is None:
+        info = ckpt / "base_model.json"
+        if not info.is_file():
+            raise ExportError(f"pass --base: {ckpt} has no base_model.json naming its base model")
+        rec = json.loads(info.read_text())
+        base = rec.get("path") or rec.get("model_path") or rec.get("base_model_name_or_path")
+        if not base or str(base).startswith("preset:"):
+            raise ExportError(f"pass --base: {info} names {base!r}, which is not a folder of weights")
+        print(f"base model from {info}: {base}", file=sys.stderr)
+    p = Path(base)
+    if not (p / "config.json").is_file():
+        raise ExportError(f"base model folder {p} has no config.json")
+    weight_files(p)  # fails naming the folder when weights are missing
+    return p
+
+
+# ============================================================================= PEFT adapter for transformers / vLLM
+def to_v5_key(name: str) -> str:
+    """Hub name -> transformers v5 in-memory name (the inverse of to_hub_key)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def _layout_free(escaped_hub_prefix: str) -> str:
+    # accept the Hub names (vlft, serving engines) and the transformers v5 names
+    if escaped_hub_prefix.startswith(r"visual\."):
+        return r"(?:model\.)?" + escaped_hub_prefix
+    if escaped_hub_prefix.startswith(r"model\."):
+        return r"model\.(?:language_model\.)?" + escaped_hub_prefix[len(r"model\."):]
+    return escaped_hub_prefix
+
+
+def target_regex(modules: list[str]) -> str:
+    """A regex that full-matches exactly these modules (Hub or v5 names): one alternative per block kind, with the
+    block indices listed, so `layers.1.mlp.gate_proj` never catches a vision `blocks.1.mlp.gate_proj`."""
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    by_template: dict[tuple[str, str], set[int]] = {}
+    singles = []
+    for m in modules:
+        hit = re.fullmatch(r"(.*?\.(?:layers|blocks)\.)(\d+)\.(.+)", m)
+        if hit:
+            by_template.setdefault((hit.group(1), hit.group(3)), set()).add(int(hit.group(2)))
+        else:
+            singles.append(m)
+    for (prefix, suffix), idx in by_template.items():
+        groups.setdefault((prefix, tuple(sorted(idx))), []).append(suffix)
+    alts = []
+    for (prefix, idx), suffixes in sorted(groups.items()):
+        alts.append(_layout_free(re.escape(prefix)) + "(?:" + "|".join(map(str, idx)) + r")\."
+                    + "(?:" + "|".join(re.escape(s) for s in sorted(suffixes)) + ")")
+    alts += [_layout_free(re.escape(s)) for s in sorted(singles)]
+    return "(?:" + "|".join(alts) + ")"
+
+
+def adapter_files(adapter: Adapter, modules: list[str], full: bool, layout: str, base: Path | None
+                  ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, tensors) for `modules` (+ the fully trained parameters when `full`), keys in `layout`
+    ("v5": transformers 5 in-memory names; "hub": checkpoint names, which vLLM maps itself)."""
+    rename = to_v5_key if layout == "v5" else (lambda k: k)
+    tensors = {}
+    for m in modules:
+        w = adapter.lora[m]
+        key = PEFT_PREFIX + rename(m)
+        tensors[key + ".lora_A.weight"] = w.A
+        tensors[key + ".lora_B.weight"] = w.B
+        if w.magnitude is not None:
+            tensors[key + ".lora_magnitude_vector"] = w.magnitude
+    full_modules = []
+    if full:
+        for k, t in adapter.full.items():
+            tensors[PEFT_PREFIX + rename(k)] = t
+        full_modules = sorted({rename(m) for m in adapter.config.get("modules_to_save") or []})
+    config = dict(adapter.config)
+    config.update(target_modules=target_regex(modules), modules_to_save=full_modules or None,
+                  layers_to_transform=None, layers_pattern=None, exclude_modules=None, inference_mode=True,
+                  base_model_name_or_path=str(base) if base else config.get("base_model_name_or_path"),
+                  use_dora=any(adapter.lora[m].magnitude is not None for m in modules))
+    for key in ("rank_pattern", "alpha_pattern"):
+        config[key] = {rename(k): v for k, v in (config.get(key) or {}).items()}
+    config["auto_mapping"] = {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
+                              "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"}
+    return config, tensors
+
+
+def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], extras_from: list[Path]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    copy_extras(extras_from, folder, TOKENIZER_FILES + PROCESSOR_FILES)
+
+
+# ============================================================================= commands
+def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: str | None = None,
+                  overwrite: bool = False) -> Path:
+    adapter = load_adapter(adapter_path)
+    base_dir = resolve_base(base, adapter.folder)
+    out_dtype = DTYPES[dtype] if dtype else None
+    tmp = prepare_out(Path(out), overwrite, [base_dir, adapter.folder])
+    try:
+        counts = merge_into(base_dir, adapter, tmp, out_dtype)
+        write_configs(base_dir, tmp, out_dtype)
+        got = copy_extras([adapter.folder, base_dir], tmp, TOKENIZER_FILES + PROCESSOR_FILES)
+        finish_out(tmp, Path(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {counts['lora']} LoRA and {counts['dora']} DoRA modules and {counts['full']} fully trained "
+          f"tensors of {adapter.folder} into {base_dir} -> {out}")
+    for line in report_extras(got, adapter.folder):
+        print(line, file=sys.stderr)
+    return Path(out)
+
+
+def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vllm: bool = False,
+                   overwrite: bool = False) -> Path:
+    adapter = load_adapter(adapter_path)
+    base_dir = resolve_base(base, adapter.folder) if (base or for_vllm) else None
+    if base_dir is not None:
+        check_fits(adapter, base_shapes(base_dir)[1], base_dir)
+    inputs = [adapter.folder] + ([base_dir] if base_dir else [])
+    tmp = prepare_out(Path(out), overwrite, inputs)
+    try:
+        if for_vllm:
+            lines = _export_for_vllm(adapter, base_dir, tmp, Path(out))
+        else:
+            config, tensors = adapter_files(adapter, sorted(adapter.lora), True, "v5", base_dir)
+            write_adapter(tmp, config, tensors, [adapter.folder] + ([base_dir] if base_dir else []))
+            lines = [f"wrote a PEFT adapter for transformers ({len(adapter.lora)} LoRA modules, "
+                     f"{len(adapter.full)} fully trained tensors) -> {out}"]
+        finish_out(tmp, Path(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(lines))
+    return Path(out)
+
+
+def _export_for_vllm(adapter: Adapter, base_dir: Path, tmp: Path, out: Path) -> list[str]:
+    """Serving engines apply LoRA to the language model only: everything else goes into a merged base copy."""
+    language = sorted(m for m in adapter.lora if part_of(m) == "language")
+    if any(adapter.lora[m].magnitude is not None for m in language):
+        raise ExportError("--for-vllm: the language-model adapter uses DoRA, which vLLM does not apply; use "
+                          "`vlft export merged` instead")
+    sub = tmp / "base"
+    sub.mkdir()
+    # the base copy gets vision + merger LoRA and every fully trained module (engines load no modules_to_save)
+    moved = Adapter(adapter.folder, adapter.config, {m: w for m, w in adapter.lora.items() if m not in language},
+                    adapter.full)
+    counts = merge_into(base_dir, moved, sub, None)
+    write_configs(base_dir, sub, None)
+    got = copy_extras([adapter.folder, base_dir], sub, TOKENIZER_FILES + PROCESSOR_FILES)
+    lines = [f"base copy {out / 'base'}: merged {counts['lora'] + counts['dora']} vision/merger LoRA modules and "
+             f"{counts['full']} fully trained tensors ({', '.join(sorted({part_of(k) for k in adapter.full})) or 'none'})"]
+    if language:
+        config, tensors = adapter_files(adapter, language, False, "hub", out / "base")
+        # leaf names + an exclusion of the vision tower: the list form serving engines read, still exact for peft
+        config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in language})
+        config["exclude_modules"] = r"(?:model\.)?visual\..*"
+        write_adapter(tmp / "adapter", config, tensors, [adapter.folder, base_dir])
+        lines.append(f"adapter {out / 'adapter'}: {len(language)} language-model LoRA modules "
+                     f"({', '.join(config['target_modules'])})")
+        lines.append(f"serve with: vllm serve {out / 'base'} --enable-lora --max-lora-rank "
+                     f"{max(adapter.lora[m].A.shape[0] for m in language)} --lora-modules vlft={out / 'adapter'}")
+    else:
+        lines.append("no language-model LoRA: the base copy holds the whole fine-tune (no adapter folder written)")
+    lines += report_extras(got, adapter.folder)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vlft export", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("merged", help="merge the adapter into the base and write an HF folder")
+    a = sub.add_parser("adapter", help="write a PEFT adapter folder (or, with --for-vllm, base copy + LM adapter)")
+    for p in (m, a):
+        p.add_argument("--adapter", required=True, help="training checkpoint, run folder or PEFT adapter folder")
+        p.add_argument("--base", help="base HF folder (default: the one named in the checkpoint's base_model.json)")
+        p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="output dtype (default: the base's)")
+    a.add_argument("--for-vllm", action="store_true",
+                   help="merge vision/merger changes into OUT/base and keep only the language LoRA in OUT/adapter")
+    args = ap.parse_args(argv)
+    try:
+        if args.what == "merged":
+            export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite)
+        else:
+            export_adapter(args.adapter, args.out, args.base, args.for_vllm, args.overwrite)
+    except (ValueError, FileNotFoundError) as e:  # ExportError, and weight_files' refusals
+        print(f"vlft export: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
