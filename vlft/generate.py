@@ -145,22 +145,26 @@ def _first_json(folders: list[Path], name: str) -> dict:
     return {}
 
 
-def process_media(media: list, limits: MediaLimits, tokens_per_second: float) -> tuple[dict, list[int]]:
-    """Media items (vlft.data.Media) -> model tensors in order, and the merged token count of each item."""
+def process_media(media: list, limits: MediaLimits, tokens_per_second: float, cache: dict | None = None
+                  ) -> tuple[dict, list[int]]:
+    """Media items (vlft.data.Media) -> model tensors in order, and the merged token count of each item. `cache`
+    (a dict kept by the caller, e.g. a chat) holds items already processed, by kind and path."""
     from vlft.data import process_image, process_video
 
     images, videos, tokens = [], [], []
+    cache = {} if cache is None else cache
     for m in media:
-        if m.kind == "image":
-            px, grid = process_image(m.source, limits.min_pixels, limits.max_pixels)
-            images.append((px, grid))
-        else:
-            px, grid, secs = process_video(m.source, fps=limits.video_fps, min_frames=limits.video_min_frames,
+        key = (m.kind, str(m.source))
+        if key not in cache:
+            if m.kind == "image":
+                cache[key] = process_image(m.source, limits.min_pixels, limits.max_pixels)
+            else:
+                cache[key] = process_video(m.source, fps=limits.video_fps, min_frames=limits.video_min_frames,
                                            max_frames=limits.video_max_frames, min_pixels=limits.video_min_pixels,
                                            max_pixels=limits.video_max_pixels, total_pixels=limits.video_total_pixels,
                                            tokens_per_second=tokens_per_second)
-            videos.append((px, grid, secs))
-        tokens.append(int(grid.prod()) // 4)
+        (images if m.kind == "image" else videos).append(cache[key])
+        tokens.append(int(cache[key][1].prod()) // 4)
     out = {}
     if images:
         out["pixel_values"] = torch.cat([p for p, _ in images])
@@ -188,11 +192,11 @@ def prompt_ids(messages: list, tokenizer, media_tokens: list[int], system_prompt
 
 
 def encode_prompt(messages: list, tokenizer, limits: MediaLimits, tokens_per_second: float = 2.0,
-                  system_prompt: str | None = None) -> dict:
+                  system_prompt: str | None = None, cache: dict | None = None) -> dict:
     """One conversation -> {input_ids [L], media tensors} ready for `left_pad`."""
     from vlft.data.template import media_of
 
-    media, tokens = process_media(media_of(messages), limits, tokens_per_second)
+    media, tokens = process_media(media_of(messages), limits, tokens_per_second, cache)
     return {"input_ids": torch.tensor(prompt_ids(messages, tokenizer, tokens, system_prompt)), **media}
 
 
