@@ -104,12 +104,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if zero_stage(accelerator) == 3:
-        # The chunked loss reads lm_head.weight without calling lm_head; ZeRO-3 must gather it for the whole forward.
-        import deepspeed
-
-        base = accelerator.unwrap_model(model).get_base_model()
-        deepspeed.zero.register_external_parameter(base, base.lm_head.weight)
+    # The chunked loss (no full-vocabulary logits) reads lm_head.weight inside its own backward, where ZeRO-3 has
+    # already partitioned it again; under ZeRO-3 the loss goes through the lm_head module instead (see README).
+    chunked_loss = zero_stage(accelerator) != 3
 
     # ---- 6. resume ---------------------------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "index": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
@@ -139,7 +136,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         return to_device(batch, accelerator.device), n
 
     def forward(batch: dict):
-        return model(**batch, return_logits=False, run_vision_always=cfg.model.run_vision_always)
+        return model(**batch, return_logits=not chunked_loss, run_vision_always=cfg.model.run_vision_always)
 
     def evaluate() -> float:
         model.eval()
