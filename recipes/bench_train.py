@@ -34,7 +34,8 @@ def _build(args):
         cfg.text.hidden_size, cfg.text.intermediate_size = args.hidden, args.hidden * 4
         cfg.text.num_attention_heads, cfg.text.num_key_value_heads = max(2, args.hidden // 128), 2
         cfg.text.mrope_section = [(args.hidden // cfg.text.num_attention_heads // 2) // 4] * 2
-        cfg.text.mrope_section.insert(0, args.hidden // cfg.text.num_attention_heads // 2 - 2 * cfg.text.mrope_section[0])
+        half = args.hidden // cfg.text.num_attention_heads // 2
+        cfg.text.mrope_section.insert(0, half - 2 * cfg.text.mrope_section[0])
         cfg.vision.out_hidden_size = args.hidden
     cfg.text.vocab_size = args.vocab
     torch.manual_seed(0)
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     print(f"device {args.device}  dtype {args.dtype}  layers {args.layers}  vocab {args.vocab}  tokens/step {tokens}"
           f"  packing {args.packing}  LoRA params {count(vl):,}")
     for name in ("vlft", "hf"):
-        print(f"  {name:<5} step {t[name] * 1000:9.1f} ms  {tokens / t[name]:10.0f} tokens/s  peak {peak[name]:.2f} GiB")
+        print(f"  {name:<5} step {t[name] * 1000:9.1f} ms  {tokens / t[name]:10.0f} tokens/s  "
+              f"peak {peak[name]:.2f} GiB")
     print(f"  ratios vlft/transformers: step time {t['vlft'] / t['hf']:.2f}x  tokens/s {t['hf'] / t['vlft']:.2f}x  "
           f"peak memory {peak['vlft'] / max(peak['hf'], 1e-9):.2f}x")
 

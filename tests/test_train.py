@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_train_helpers import run_in_process, workspace
 
-# Per-step losses of the tiny run of `test_matches_plain_loop` (seed 0, fp32, CPU). Checked independently: `test_matches_plain_loop` runs
-# a hand-written plain PyTorch + peft loop on the same batches (own loss, own AdamW, no accelerate) and gets these
+# Per-step losses of the tiny run of `test_matches_plain_loop` (seed 0, fp32, CPU). Checked independently:
+# `test_matches_plain_loop` runs a hand-written plain PyTorch + peft loop on the same batches (own loss, own AdamW, no accelerate) and gets these
 # losses too; the values here were printed by that loop and agree with the recipe to 1e-6.
 GOLDEN = [5.81329083442688, 5.495922327041626, 5.211201906204224, 4.9975669384002686]
 

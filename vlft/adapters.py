@@ -60,7 +60,8 @@ def check_targets(model: torch.nn.Module, lora: LoraSection) -> None:
                 raise ConfigError(f"lora.{part}: target {suffix!r} matches no module of the model")
             not_linear = [n for n in hits if not isinstance(names[n], torch.nn.Linear)]
             if not_linear:
-                raise ConfigError(f"lora.{part}: target {suffix!r} matches {not_linear[0]}, which is not a Linear layer")
+                raise ConfigError(f"lora.{part}: target {suffix!r} matches {not_linear[0]}, "
+                                  "which is not a Linear layer")
     for full in lora.train_fully:
         if full not in names:
             raise ConfigError(f"lora.train_fully: {full!r} is not a module name of the model (e.g. visual.merger)")

@@ -193,7 +193,8 @@ class FreezeSection:
     # A frozen part gets no LoRA and no full training; the check runs after peft wrapped the model.
     vision: bool = True  # visual.patch_embed + visual.blocks
     merger: bool = True  # visual.merger
-    language: bool = False  # embed_tokens, decoder layers, final norm and lm_head (which stay frozen unless trained fully)
+    # embed_tokens, decoder layers, final norm and lm_head (these stay frozen unless listed in lora.train_fully)
+    language: bool = False
 
 
 @dataclasses.dataclass

@@ -52,7 +52,8 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
         ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
-        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
+        ds["train_batch_size"] = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation
+                                  * accelerator.num_processes)
         ds["gradient_clipping"] = cfg.optim.max_grad_norm
         ds["bf16"] = {"enabled": mixed == "bf16"}
         ds["fp16"] = {"enabled": mixed == "fp16"}
