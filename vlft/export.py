@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -410,16 +411,27 @@ def finish_out(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_base(base: str | None, ckpt: Path) -> Path:
+def resolve_base(base: str | None, ckpt: Path, scratch: Path | None = None) -> Path:
+    """The base HF folder: --base, else the path in the checkpoint's base_model.json. A `preset:tiny` base (random
+    weights seeded by the run's train.seed, as the recipe builds it in float32) is rebuilt into `scratch`."""
     if base is None:
         info = ckpt / "base_model.json"
         if not info.is_file():
             raise ExportError(f"pass --base: {ckpt} has no base_model.json naming its base model")
         rec = json.loads(info.read_text())
         base = rec.get("path") or rec.get("model_path") or rec.get("base_model_name_or_path")
-        if not base or str(base).startswith("preset:"):
-            raise ExportError(f"pass --base: {info} names {base!r}, which is not a folder of weights")
+        if not base:
+            raise ExportError(f"pass --base: {info} names no base model path")
         print(f"base model from {info}: {base}", file=sys.stderr)
+    if str(base).startswith("preset:"):
+        if base != "preset:tiny" or scratch is None:
+            raise ExportError(f"pass --base: {base!r} is a random preset, not a folder of weights")
+        from vlft.generate import _run_seed
+        from vlft.model import build_model, preset, save_pretrained
+
+        torch.manual_seed(_run_seed(ckpt))
+        save_pretrained(build_model(preset("tiny")), scratch)
+        return scratch
     p = Path(base)
     if not (p / "config.json").is_file():
         raise ExportError(f"base model folder {p} has no config.json")
@@ -511,16 +523,20 @@ def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], 
 def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: str | None = None,
                   overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    base_dir = resolve_base(base, adapter.folder)
-    out_dtype = DTYPES[dtype] if dtype else None
-    tmp = prepare_out(Path(out), overwrite, [base_dir, adapter.folder])
+    scratch = Path(tempfile.mkdtemp(prefix="vlft-base-"))
+    tmp = None
     try:
+        base_dir = resolve_base(base, adapter.folder, scratch)
+        out_dtype = DTYPES[dtype] if dtype else None
+        tmp = prepare_out(Path(out), overwrite, [base_dir, adapter.folder])
         counts = merge_into(base_dir, adapter, tmp, out_dtype)
         write_configs(base_dir, tmp, out_dtype)
         got = copy_extras([adapter.folder, base_dir], tmp, TOKENIZER_FILES + PROCESSOR_FILES)
         finish_out(tmp, Path(out))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (tmp, scratch):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     print(f"merged {counts['lora']} LoRA and {counts['dora']} DoRA modules and {counts['full']} fully trained "
           f"tensors of {adapter.folder} into {base_dir} -> {out}")
     for line in report_extras(got, adapter.folder):
@@ -531,12 +547,14 @@ def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: s
 def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vllm: bool = False,
                    overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    base_dir = resolve_base(base, adapter.folder) if (base or for_vllm) else None
-    if base_dir is not None:
-        check_fits(adapter, base_shapes(base_dir)[1], base_dir)
-    inputs = [adapter.folder] + ([base_dir] if base_dir else [])
-    tmp = prepare_out(Path(out), overwrite, inputs)
+    scratch = Path(tempfile.mkdtemp(prefix="vlft-base-"))
+    tmp = None
     try:
+        base_dir = resolve_base(base, adapter.folder, scratch) if (base or for_vllm) else None
+        if base_dir is not None:
+            check_fits(adapter, base_shapes(base_dir)[1], base_dir)
+        inputs = [adapter.folder] + ([base_dir] if base_dir else [])
+        tmp = prepare_out(Path(out), overwrite, inputs)
         if for_vllm:
             lines = _export_for_vllm(adapter, base_dir, tmp, Path(out))
         else:
@@ -546,7 +564,9 @@ def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vll
                      f"{len(adapter.full)} fully trained tensors) -> {out}"]
         finish_out(tmp, Path(out))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (tmp, scratch):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     print("\n".join(lines))
     return Path(out)
 
