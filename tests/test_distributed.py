@@ -64,7 +64,7 @@ def _run(tmp_path, data, setup: str, port: int):
                                              "micro_batch_size": 1, "gradient_accumulation": 2})
     path = tmp_path / f"{setup}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    _launch(setup, path, port=port)
+    _launch(setup, path, port=port, timeout=180 if setup == "zero3" else 420)
     ckpt = tmp_path / setup / f"checkpoint-{STEPS:07d}"
     assert (ckpt / "COMPLETE").is_file()
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 10_000
