@@ -25,7 +25,7 @@ from vlft.adapters import apply_lora, format_report, trainable_report
 from vlft.checkpoint import load_checkpoint, remove_partial, resolve_resume, save_checkpoint, write_inference_files
 from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
 from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, padded_rank_batches, precision,
-                              rank_batches, to_device, zero_stage)
+                              rank_batches, to_device)
 from vlft.optim import build_optimizer, build_scheduler
 from vlft.tracking import Tracker, format_metrics
 
@@ -104,9 +104,6 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # The chunked loss (no full-vocabulary logits) reads lm_head.weight inside its own backward, where ZeRO-3 has
-    # already partitioned it again; under ZeRO-3 the loss goes through the lm_head module instead (see README).
-    chunked_loss = zero_stage(accelerator) != 3
 
     # ---- 6. resume ---------------------------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "index": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
@@ -136,7 +133,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         return to_device(batch, accelerator.device), n
 
     def forward(batch: dict):
-        return model(**batch, return_logits=not chunked_loss, run_vision_always=cfg.model.run_vision_always)
+        # no full-vocabulary logits: the loss is computed chunk by chunk inside lm_head (vlft.loss)
+        return model(**batch, return_logits=False, run_vision_always=cfg.model.run_vision_always)
 
     def evaluate() -> float:
         model.eval()

@@ -72,30 +72,21 @@ def _run(tmp_path, data, setup: str, port: int):
 
 
 @pytest.mark.slow
-def test_ddp_and_zero2_agree(tmp_path):
+def test_ddp_zero2_and_zero3_agree(tmp_path):
+    """Rank 0 text-only, rank 1 image+video: ZeRO-3 completes (no hang), and all three topologies agree."""
     from vlft.train_cli import make_tiny_data
 
     data = make_tiny_data(tmp_path / "data", _rank_split_kinds(seed=0))
     ddp_losses, ddp_ckpt = _run(tmp_path, data, "cpu", 29611)
     zero2_losses, zero2_ckpt = _run(tmp_path, data, "zero2", 29612)
+    zero3_losses, zero3_ckpt = _run(tmp_path, data, "zero3", 29613)
     assert len(ddp_losses) == STEPS
     assert zero2_losses == pytest.approx(ddp_losses, abs=1e-4)
+    assert zero3_losses == pytest.approx(ddp_losses, abs=1e-4)
     with torch.no_grad():
         base = _outputs_with_adapter(None)
-        ddp, zero2 = _outputs_with_adapter(ddp_ckpt), _outputs_with_adapter(zero2_ckpt)
+        ddp = _outputs_with_adapter(ddp_ckpt)
+        zero2, zero3 = _outputs_with_adapter(zero2_ckpt), _outputs_with_adapter(zero3_ckpt)
     assert not torch.allclose(ddp, base, atol=1e-3)  # the adapter changed the model
     torch.testing.assert_close(zero2, ddp, atol=2e-4, rtol=1e-3)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason="ZeRO-3 with a text-only rank and an image+video rank fails DeepSpeed's cross-rank "
-                          "parameter-trace check on CPU; under investigation (see the issue 4 report)", strict=False)
-def test_zero3_text_rank_and_vision_rank(tmp_path):
-    from vlft.train_cli import make_tiny_data
-
-    data = make_tiny_data(tmp_path / "data", _rank_split_kinds(seed=0))
-    losses, ckpt = _run(tmp_path, data, "zero3", 29613)
-    assert len(losses) == STEPS
-    with torch.no_grad():
-        base, zero3 = _outputs_with_adapter(None), _outputs_with_adapter(ckpt)
-    assert not torch.allclose(zero3, base, atol=1e-3)
+    torch.testing.assert_close(zero3, ddp, atol=2e-4, rtol=1e-3)

@@ -21,7 +21,7 @@ import torch
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError, TooManySkipped
 from vlft.data.formats import MediaResolver, RecordSource, to_messages
-from vlft.data.image import TEMPORAL_PATCH_SIZE, process_image
+from vlft.data.image import process_image
 from vlft.data.template import IGNORE_INDEX, SpecialIds, encode_conversation, media_of
 from vlft.data.video import process_video
 

@@ -19,6 +19,23 @@ from vlft.model.text import TextModel
 from vlft.model.vision import VisionTransformer
 
 
+class LMHead(nn.Linear):
+    """`lm_head`: a bias-free Linear whose forward can also return the summed cross-entropy against targets.
+
+    The chunked loss runs inside the head's own forward so that sharding wrappers (ZeRO-3 gathers a module's
+    weights around its forward and backward) see the weight used where it belongs, and every rank calls the head
+    exactly once per step whatever its token count.
+    """
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__(hidden, vocab, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return chunked_cross_entropy(x, self.weight, targets)
+
+
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None = None
@@ -48,7 +65,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, eps=t.rms_norm_eps,
             rope_theta=t.rope_theta, mrope_section=t.mrope_section,
         )
-        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.lm_head = LMHead(t.hidden_size, t.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -64,7 +81,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         return self.model.embed_tokens
 
     # ------------------------------------------------------------------ pieces
-    def _vision_features(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision_always):
+    def _vision_features(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision_always,
+                         device):
         """Images and videos through ONE tower call (so every rank makes the same collective calls under ZeRO-3).
 
         Returns (image features or None, video features or None, dummy term or None).
@@ -81,11 +99,12 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         if not pix:
             if not run_vision_always:
                 return None, None, None
-            # a batch without media still runs the tower on a 2x2-patch dummy whose result is multiplied by zero
+            # a batch without media still runs the tower on a 2x2-patch dummy whose result is multiplied by zero.
+            # No parameter is touched outside its own module here: ZeRO-3 would register it as an "external"
+            # parameter of this module on this rank only, and ranks would then disagree on the parameter trace.
             v = self.config.vision
             width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-            w = self.visual.patch_embed.proj.weight
-            dummy = torch.zeros(4, width, dtype=w.dtype, device=w.device)
+            dummy = torch.zeros(4, width, device=device)
             return None, None, self.visual(dummy, [[1, 2, 2]], impl).sum() * 0.0
         feats = self.visual(torch.cat(pix) if len(pix) > 1 else pix[0], grids, impl)
         image_feats = feats[:n_img] if pixel_values is not None else None
@@ -144,7 +163,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         impl = self.config.attn_implementation
         embeds = self.model.embed_tokens(input_ids)
         img, vid, dummy = self._vision_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                                run_vision_always)
+                                                run_vision_always, input_ids.device)
         if img is not None:
             embeds = self._scatter(embeds, input_ids, self.config.image_token_id, img, "Image")
         if vid is not None:
@@ -187,8 +206,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         if out.logits is not None:
             loss_sum = F.cross_entropy(out.logits.reshape(B * L, -1).float(), shifted, ignore_index=-100,
                                        reduction="sum")
-        elif type(self.lm_head) is nn.Linear:
-            loss_sum = chunked_cross_entropy(hidden_BLD.reshape(B * L, -1)[keep], self.lm_head.weight, shifted[keep])
+        elif type(self.lm_head) is LMHead:
+            loss_sum = self.lm_head(hidden_BLD.reshape(B * L, -1)[keep], targets=shifted[keep])
         else:  # the head was wrapped (e.g. trained as a peft module): go through the module
             logits = self.lm_head(hidden_BLD.reshape(B * L, -1)[keep]).float()
             loss_sum = F.cross_entropy(logits, shifted[keep], reduction="sum")
