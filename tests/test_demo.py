@@ -1,0 +1,141 @@
+"""The demo task generator and a short run of `vlft demo` (the whole path: data, base, train, eval, export, reload)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vlft.demo import task
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _video_frames(path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_task_files_are_messages_records_with_real_media(tmp_path):
+    from PIL import Image
+
+    info = task.generate(tmp_path, n_train=16, n_heldout=8, seed=3)
+    train, heldout = _records(tmp_path / "train.jsonl"), _records(tmp_path / "heldout.jsonl")
+    assert len(train) == 16 and len(heldout) == 8 and info["kinds"] == list(task.DEFAULT_KINDS)
+    for r in train + heldout:
+        user, reply = r["messages"]
+        media, text = user["content"]
+        assert user["role"] == "user" and reply["role"] == "assistant" and text["type"] == "text"
+        assert reply["content"] in task.KINDS[r["kind"]][2]
+        path = tmp_path / media[media["type"]]
+        if media["type"] == "image":
+            assert Image.open(path).size == (112, 112)
+        else:
+            frames = _video_frames(path)
+            assert len(frames) == task.VIDEO_FRAMES and frames[0].shape == (56, 56, 3)
+    # each kind equally often in the held-out split
+    assert sorted(r["kind"] for r in heldout) == sorted(list(task.DEFAULT_KINDS) * 2)
+
+
+def test_media_fit_the_patch_grid(tmp_path):
+    """One merged token per 28-px cell: 16 for a picture, 2 frame pairs x 4 for a video (with the demo's limits)."""
+    from vlft.data import process_image, process_video
+
+    task.generate(tmp_path, n_train=4, n_heldout=4, seed=0)
+    recs = _records(tmp_path / "train.jsonl")
+    img = next(r for r in recs if r["kind"] == "colour")["messages"][0]["content"][0]["image"]
+    vid = next(r for r in recs if r["kind"] == "motion")["messages"][0]["content"][0]["video"]
+    _, grid = process_image(tmp_path / img, task.IMAGE_PIXELS, task.IMAGE_PIXELS)
+    assert grid.tolist() == [[1, 8, 8]]
+    _, grid, secs = process_video(tmp_path / vid, fps=task.VIDEO_FPS, min_frames=4, max_frames=4,
+                                  min_pixels=task.VIDEO_PIXELS, max_pixels=task.VIDEO_PIXELS,
+                                  total_pixels=4 * task.VIDEO_PIXELS)
+    assert grid.tolist() == [[2, 4, 4]] and secs.tolist() == [1.0]
+
+
+def test_heldout_differs_from_train_and_frozen_videos_repeat_the_first_frame(tmp_path):
+    task.generate(tmp_path, n_train=40, n_heldout=20, seed=1)
+
+    def pixels(rec):
+        item = rec["messages"][0]["content"][0]
+        path = tmp_path / item[item["type"]]
+        if item["type"] == "image":
+            from PIL import Image
+
+            return np.asarray(Image.open(path)).tobytes()
+        return np.stack(_video_frames(path)).tobytes()
+
+    train = {pixels(r) for r in _records(tmp_path / "train.jsonl")}
+    heldout = _records(tmp_path / "heldout.jsonl")
+    assert not any(pixels(r) in train for r in heldout)
+    frozen = _records(tmp_path / "heldout_frozen.jsonl")
+    time_kinds = [r for r in heldout if task.KINDS[r["kind"]][1] == "time"]
+    assert [r["messages"][1] for r in frozen] == [r["messages"][1] for r in time_kinds]
+    for r in frozen:
+        frames = _video_frames(tmp_path / r["messages"][0]["content"][0]["video"])
+        assert all(np.abs(f.astype(int) - frames[0]).max() <= 2 for f in frames[1:])
+
+
+def test_first_frame_holds_no_answer_to_time_questions():
+    """Motion starts in the middle whatever the direction; in `first` the first frame is empty."""
+    for seed in range(40):
+        motion = task.motion_question(random.Random(seed))
+        lit = np.argwhere(np.abs(motion.frames[0].astype(int) - task.BACKGROUND).sum(-1) > 60)
+        (y0, x0), (y1, x1) = lit.min(0), lit.max(0)
+        dx, dy = task.DIRECTIONS[motion.answer]
+        start = (y0, y1) if dy else (x0, x1)
+        assert tuple(start) == (21, 34), (motion.answer, start)
+        first = task.first_question(random.Random(seed))
+        assert (first.frames[0] == np.array(task.BACKGROUND, dtype=np.uint8)).all()
+        assert not (first.frames[1] == first.frames[0]).all()
+
+
+def test_vocabulary_words_are_single_tokens(tmp_path):
+    from vlft.data.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path, task.vocabulary())
+    for kind, (_, _, answers) in task.KINDS.items():
+        for a in answers:
+            assert len(tok(a, add_special_tokens=False)["input_ids"]) == 1, a
+    assert len(tok) <= 320  # the tiny preset's vocabulary
+
+
+def test_quick_demo_runs_the_whole_path(tmp_path):
+    """`vlft demo --quick`: every stage runs and writes its outputs; the transformers reload agrees."""
+    from vlft.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = tmp_path / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] and summary["steps"] == 8
+    assert summary["transformers_reload_agrees"] is True
+    assert set(summary["accuracy_before"]) == set(summary["accuracy_after"]) == set(task.DEFAULT_KINDS)
+    assert set(summary["accuracy_after_frozen_frames"]) == {"motion", "first"}
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "merged" / "config.json").is_file() and (out / "config.yaml").is_file()
+    assert summary["last_loss"] < summary["first_loss"]
+
+
+@pytest.mark.parametrize("key", ["min_pixels", "video_max_frames"])
+def test_demo_refuses_a_config_that_resizes_the_task(key):
+    from vlft.data import DataConfig
+    from vlft.demo.run import check_sizes
+
+    cfg = DataConfig(min_pixels=task.IMAGE_PIXELS, max_pixels=task.IMAGE_PIXELS, video_min_pixels=task.VIDEO_PIXELS,
+                     video_max_pixels=task.VIDEO_PIXELS, video_fps=2.0, video_min_frames=4, video_max_frames=4)
+    check_sizes(cfg)
+    setattr(cfg, key, 8)
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        check_sizes(cfg)
