@@ -150,26 +150,38 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         for name, fn in runs.items():
             peak[name] = _cpu_peak(lambda fn=fn: [fn() for _ in range(2)])
-    times = {"vlft": [], "hf": []}
+    times: dict[str, list[float]] = {"vlft": [], "hf": []}
     for name, fn in runs.items():  # warm-up
         fn()
     for _ in range(args.steps):
         for name, fn in runs.items():
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # both models, optimizer states: not this step's
             _sync(args.device)
             t0 = time.perf_counter()
             fn()
             _sync(args.device)
             times[name].append(time.perf_counter() - t0)
             if args.device == "cuda":
-                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                peak[name] = max(peak.get(name, 0.0), (torch.cuda.max_memory_allocated() - resident) / 2**30)
     t = {k: statistics.median(v) for k, v in times.items()}
     print(f"device {args.device}  dtype {args.dtype}  layers {args.layers}  vocab {args.vocab}  tokens/step {tokens}"
           f"  packing {args.packing}  LoRA params {count(vl):,}")
     for name in ("vlft", "hf"):
         print(f"  {name:<5} step {t[name] * 1000:9.1f} ms  {tokens / t[name]:10.0f} tokens/s  "
               f"peak {peak[name]:.2f} GiB")
+    if args.device == "cuda":  # model FLOPs utilisation against the bf16 dense peak of an H100/H200 (989 TFLOP/s)
+        c = base.config.text
+        per_layer = 4 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim \
+            + 3 * c.hidden_size * c.intermediate_size
+        n = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+        # LoRA: forward 2N and input gradients 2N per token (frozen weights get no weight gradient), plus causal
+        # attention scores and values forward and backward (one row of args.seq tokens; not counted when packing)
+        attention = 0 if args.packing else 6 * c.num_hidden_layers * c.hidden_size * tokens * args.seq / 2
+        flops = 4 * n * tokens + attention
+        for name in ("vlft", "hf"):
+            print(f"  {name:<5} model FLOPs utilisation {flops / t[name] / 989e12:.1%} (4N per token + attention)")
     print(f"  ratios vlft/transformers: step time {t['vlft'] / t['hf']:.2f}x  tokens/s {t['hf'] / t['vlft']:.2f}x  "
           f"peak memory {peak['vlft'] / max(peak['hf'], 1e-9):.2f}x")
 
