@@ -57,7 +57,7 @@ def test_media_fit_the_patch_grid(tmp_path):
     _, grid, secs = process_video(tmp_path / vid, fps=task.VIDEO_FPS, min_frames=4, max_frames=4,
                                   min_pixels=task.VIDEO_PIXELS, max_pixels=task.VIDEO_PIXELS,
                                   total_pixels=4 * task.VIDEO_PIXELS)
-    assert grid.tolist() == [[2, 4, 4]] and secs.tolist() == [1.0]
+    assert grid.tolist() == [[2, 4, 4]] and secs.tolist() == [0.5]
 
 
 def test_heldout_differs_from_train_and_frozen_videos_repeat_the_first_frame(tmp_path):

@@ -107,13 +107,23 @@ def answer(model, tokenizer, batch_prompts: list[dict], stop: list[int], hf: boo
         batch = left_pad(batch_prompts[i:i + EVAL_BATCH], pad)
         with torch.no_grad():
             if hf:
-                full = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=stop,
+                full = model.generate(**batch, mm_token_type_ids=mm_token_types(batch["input_ids"], model.config),
+                                      max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=stop,
                                       pad_token_id=pad)
                 new = full[:, batch["input_ids"].shape[1]:]
             else:
                 new = generate(model, **batch, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop, pad_token_id=pad)
         out += decode(tokenizer, new, stop)
     return out
+
+
+def mm_token_types(input_ids: torch.Tensor, hf_config) -> torch.Tensor:
+    """What transformers' processor adds as `mm_token_type_ids` (0 text, 1 image, 2 video token). transformers v5
+    computes Qwen2.5-VL's 3D positions only when it is given; without it every token gets a 1D position."""
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == hf_config.image_token_id] = 1
+    types[input_ids == hf_config.video_token_id] = 2
+    return types
 
 
 def accuracy(records: list[dict], answers: list[str]) -> dict[str, float]:

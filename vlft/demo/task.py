@@ -5,7 +5,7 @@ little else in a few CPU minutes (issue 6's experiments):
 
 - A picture is 112x112 px, a 4x4 grid of 28-px cells; one merged visual token covers one cell. Each picture holds
   shapes, each inside one cell, with jittered size, offset and shade so that no two pictures are equal.
-- A video is 4 frames of 56x56 px (a 2x2 grid of cells) at 2 frames/s, written as H.264 mp4 with PyAV. The vision
+- A video is 4 frames of 56x56 px (a 2x2 grid of cells) at 4 frames/s, written as H.264 mp4 with PyAV. The vision
   tower joins frames (0, 1) and (2, 3) into two temporal patches, so a video is 2x2x2 = 8 tokens.
 
 Question kinds (see KINDS). Picture kinds need the picture; time kinds need more than one frame:
@@ -40,7 +40,10 @@ CELL = 28  # px covered by one merged visual token (14-px patches, 2x2 merge)
 IMAGE_CELLS = 4  # pictures are 4x4 cells = 112 px
 VIDEO_CELLS = 2  # video frames are 2x2 cells = 56 px
 VIDEO_FRAMES = 4
-VIDEO_FPS = 2
+# 4 frames/s: a frame pair lasts 0.5 s, so with tokens_per_second = 2 consecutive temporal patches are one position
+# apart. (At 2 frames/s they are two apart, and transformers 5.x then starts the text after a video one position
+# earlier than vlft and Qwen's reference code do, so a transformers reload would answer video questions differently.)
+VIDEO_FPS = 4
 IMAGE_PIXELS = (IMAGE_CELLS * CELL) ** 2  # what data.min_pixels/max_pixels must be for pictures to stay 112x112
 VIDEO_PIXELS = (VIDEO_CELLS * CELL) ** 2  # and data.video_min_pixels/video_max_pixels for 56x56 frames
 BACKGROUND = (24, 24, 32)
@@ -164,8 +167,8 @@ KINDS: dict[str, tuple[Callable[[random.Random], Sample], str, tuple[str, ...]]]
     "first": (first_question, "time", tuple(COLOURS)),
 }
 DEFAULT_KINDS = ("colour", "shape", "motion", "first")
-# Shape and motion are the slow skills to learn: the training split holds twice as many of them.
-DEFAULT_TRAIN_WEIGHTS = {"shape": 2, "motion": 2}
+# How many of each kind per round in the training split (1 when absent): equal.
+DEFAULT_TRAIN_WEIGHTS: dict[str, int] = {}
 
 
 def chance(kind: str) -> float:
