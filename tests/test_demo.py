@@ -134,7 +134,8 @@ def test_demo_refuses_a_config_that_resizes_the_task(key):
     from vlft.demo.run import check_sizes
 
     cfg = DataConfig(min_pixels=task.IMAGE_PIXELS, max_pixels=task.IMAGE_PIXELS, video_min_pixels=task.VIDEO_PIXELS,
-                     video_max_pixels=task.VIDEO_PIXELS, video_fps=2.0, video_min_frames=4, video_max_frames=4)
+                     video_max_pixels=task.VIDEO_PIXELS, video_fps=float(task.VIDEO_FPS), video_min_frames=4,
+                     video_max_frames=4)
     check_sizes(cfg)
     setattr(cfg, key, 8)
     with pytest.raises(ValueError, match=f"data.{key}"):
