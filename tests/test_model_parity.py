@@ -134,7 +134,8 @@ def test_chunked_loss_equals_full_logits_loss_and_grads():
     chunked.loss.backward()
     for n, p in model.named_parameters():
         if n in g_full:
-            assert torch.allclose(p.grad, g_full[n], rtol=1e-4, atol=1e-7), n
+            err, scale = (p.grad - g_full[n]).abs().max().item(), g_full[n].abs().max().item()
+            assert err <= 1e-5 * max(scale, 1e-6), f"{n}: {err} vs {scale}"
 
 
 def test_feature_token_mismatch_names_both_counts():
