@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vlft.adapters import apply_lora, format_report, trainable_report
 from vlft.checkpoint import load_checkpoint, remove_partial, resolve_resume, save_checkpoint, write_inference_files
 from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
-from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, padded_rank_batches, precision,
+from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, eval_rank_batches, precision,
                               rank_batches, to_device)
 from vlft.optim import build_optimizer, build_scheduler
 from vlft.tracking import Tracker, format_metrics
@@ -136,13 +136,15 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         # no full-vocabulary logits: the loss is computed chunk by chunk inside lm_head (vlft.loss)
         return model(**batch, return_logits=False, run_vision_always=cfg.model.run_vision_always)
 
-    def evaluate() -> float:
+    def evaluate(fallback: dict | None) -> float:
+        """Mean token loss over the eval split; `fallback` (a batch already run) stands in, with no supervised
+        token, for a rank whose share of the split has run out."""
         model.eval()
-        batches = padded_rank_batches(len(eval_ds), B, rank, world)
+        batches = eval_rank_batches(len(eval_ds), B, rank, world)
         if cfg.train.eval_batches:
             batches = batches[:cfg.train.eval_batches]
         loss_sum = n_tok = 0.0
-        last = None
+        last = fallback
         with torch.no_grad():
             for batch in loader(eval_ds, batches, cfg.train.seed):
                 batch, _ = prepare_batch(batch, last)
@@ -240,7 +242,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
             if not cfg.logging.progress_bar:
                 tracker.console(format_metrics(step, total_steps, record), progress)
         if eval_ds is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            tracker.log(step, {"loss": evaluate()}, prefix="eval")
+            tracker.log(step, {"loss": evaluate(last_batch)}, prefix="eval")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save()
             last_saved = step
@@ -252,7 +254,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     progress.close()
     eval_loss = None
     if eval_ds is not None and status == "completed":
-        eval_loss = evaluate()
+        eval_loss = evaluate(last_batch)
         tracker.log(state["step"], {"loss": eval_loss}, prefix="eval")
         tracker.console(f"eval loss {eval_loss:.4f}")
     path = save() if state["step"] != last_saved else out_dir / f"checkpoint-{state['step']:07d}"

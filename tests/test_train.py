@@ -138,3 +138,18 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     calls.update(n=0, bad=set(range(3, 100)))
     with pytest.raises(RuntimeError, match="in a row had a NaN/inf loss"):
         run_in_process(path, "train.max_steps=6", "train.max_bad_steps=2", f"train.output_dir={tmp_path / 'c'}")
+
+
+def test_eval_loss_counts_every_sample_once(tmp_path):
+    """3 eval samples in micro-batches of 2: the recipe's eval loss equals `vlft eval`'s direct token-weighted mean
+    (a wrap-around that repeats a sample to fill the last batch would count it twice)."""
+    from vlft.config import load_experiment
+    from vlft.evaluate import evaluate
+
+    path, _ = workspace(tmp_path, data={"eval_split": 0.1875}, train={"max_steps": 2})
+    result = run_in_process(path)
+    cfg = load_experiment(path)
+    direct = evaluate(cfg, str(tmp_path / "out" / "checkpoint-0000002"), tmp_path / "eval", do_generate=False,
+                      device="cpu")
+    assert direct["samples"] == 3
+    assert result["eval_loss"] == pytest.approx(direct["loss"], abs=1e-6)

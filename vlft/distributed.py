@@ -104,13 +104,14 @@ def rank_batches(order: list[int], micro_batch: int, rank: int, world: int) -> l
     return [order[j * block + rank * micro_batch: j * block + (rank + 1) * micro_batch] for j in range(n_blocks)]
 
 
-def padded_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
-    """Evaluation batches: in order, wrapped around so that every rank gets the same number of batches (ZeRO-3 needs
-    equal forward counts); wrapped duplicates are few and only affect the held-out average slightly."""
+def eval_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
+    """Evaluation batches: every sample exactly once, in order, and the same number of batches on every rank (ZeRO-3
+    needs equal forward counts). A rank past the end gets empty batches, which the recipe runs with no supervised
+    token, so nothing is counted twice."""
     block = micro_batch * world
     n_blocks = max(1, -(-num_samples // block))
-    order = [i % max(num_samples, 1) for i in range(n_blocks * block)]
-    return rank_batches(order, micro_batch, rank, world)
+    return [[i for i in range(j * block + rank * micro_batch, j * block + (rank + 1) * micro_batch) if i < num_samples]
+            for j in range(n_blocks)]
 
 
 # ---------------------------------------------------------------------------------------------- weights and state
