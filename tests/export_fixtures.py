@@ -16,8 +16,6 @@ from vlft.config import LoraSection
 from vlft.data.tiny_tokenizer import build_tiny_tokenizer
 from vlft.model import save_pretrained
 
-torch.set_num_threads(1)  # tiny tensors on shared cores: threads only add contention
-
 VISION_TARGETS = ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 # the video's time span (2 s) is shorter than its grid (4), where transformers 5.24 and the reference rule agree
 SAMPLES = [[3, ("image", (1, 8, 12)), 4], [2, ("video", (2, 4, 8)), 6]]
