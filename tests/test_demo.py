@@ -140,3 +140,14 @@ def test_demo_refuses_a_config_that_resizes_the_task(key):
     setattr(cfg, key, 8)
     with pytest.raises(ValueError, match=f"data.{key}"):
         check_sizes(cfg)
+
+
+def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
+    from vlft.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(mine), "--quick"]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert "not made by vlft demo" in capsys.readouterr().err

@@ -4,7 +4,7 @@ Reads in the order it runs:
   1. write the task (vlft/demo/task.py): PNG pictures and mp4 videos, train and held-out splits, messages jsonl
   2. make the base model: a tiny random Qwen2.5-VL and a tiny tokenizer with Qwen's special tokens, saved as an HF folder
   3. evaluate the base model on the held-out split (exact match of greedy answers, per question kind)
-  4. `vlft train configs/demo.yaml ...` (LoRA + fully trained merger, final norm, head and patch embedding)
+  4. `vlft train configs/demo.yaml ...` (LoRA on language and vision, merger and final norm trained fully)
   5. evaluate the trained checkpoint, and again with every video frame replaced by the first (time kinds)
   6. `vlft export merged`, reload the export with transformers and answer the same questions
   7. summary table, summary.json and loss_curve.png in the output folder
@@ -236,7 +236,8 @@ def table(kinds: list[str], before, after, frozen) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="vlft demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); emptied first")
+    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a folder made by an earlier demo is replaced, "
+                    "any other non-empty folder is refused")
     ap.add_argument("--quick", action="store_true", help="a smoke run in about a minute: little data, few steps "
                                                         "(shows the path works, not that the model learns)")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default configs/demo.yaml)")
@@ -249,6 +250,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+DEMO_MARKER = ".vlft-demo"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(1)  # on a small shared CPU, more threads per process made steps slower, not faster
@@ -257,9 +261,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     kinds = [k for k in args.kinds.split(",") if k]
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        # only a folder an earlier demo made is replaced; anything else the user has there is never deleted
+        if not (out / DEMO_MARKER).is_file():
+            print(f"vlft demo: {out} is not empty and was not made by vlft demo; choose another --out",
+                  file=sys.stderr)
+            return 2
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by vlft demo; the next run with this --out replaces this folder\n")
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
