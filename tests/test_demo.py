@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import random
 
 import numpy as np
@@ -151,3 +152,21 @@ def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--out", str(mine), "--quick"]) == 2
     assert (mine / "notes.txt").read_text() == "keep me"
     assert "not made by vlft demo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_demo_on_two_cpu_processes(tmp_path):
+    """`vlft demo --quick --processes 2`: training goes through `accelerate launch` with 2 processes (gloo)."""
+    from vlft.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--processes", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["transformers_reload_agrees"] is True
+    assert summary["last_loss"] < summary["first_loss"]
+    state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2

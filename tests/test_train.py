@@ -153,3 +153,18 @@ def test_eval_loss_counts_every_sample_once(tmp_path):
                       device="cpu")
     assert direct["samples"] == 3
     assert result["eval_loss"] == pytest.approx(direct["loss"], abs=1e-6)
+
+
+def test_secrets_are_never_written(tmp_path, monkeypatch):
+    """An API key in the environment reaches no file of the run: config, metrics, checkpoint, tracker folders."""
+    secret = "vlft-test-secret-7f3a91"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "out"))
+    path, _ = workspace(tmp_path, train={"max_steps": 1},
+                        logging={"wandb": True, "wandb_mode": "offline", "tensorboard": True})
+    run_in_process(path)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files) and any(p.name == "config.yaml" for p in files)
+    leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks

@@ -145,6 +145,8 @@ def train_overrides(out: Path, steps: int | None, processes: int) -> list[str]:
          f"train.output_dir={j(str(out / 'train'))}"]
     if steps is not None:
         o.append(f"train.max_steps={steps}")
+        if steps < 100:  # a short run logs every step, so its loss curve has points
+            o.append("train.log_every=1")
     if processes > 1:
         o.append(f"train.micro_batch_size={_per_rank_batch(out, processes)}")
     return o
