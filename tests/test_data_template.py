@@ -133,3 +133,15 @@ def test_whole_word_tokens(tok):
     assert 278 in ids and 279 in ids
     assert tok("concatenate", add_special_tokens=False)["input_ids"].count(278) == 0
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 268 and tok.convert_tokens_to_ids("<|file_sep|>") == 277
+
+
+@pytest.mark.parametrize("name", ["single_turn", "multi_image", "text_only"])
+def test_generation_prompt_equals_transformers(tok, name):
+    """Inference prompts: the conversation without its last reply, then `<|im_start|>assistant\\n`."""
+    conv = CONVS[name][:-1]
+    proc = hf_processor(tok, *LIMITS)
+    theirs = proc.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt",
+                                      add_generation_prompt=True)
+    ids, labels = _ours(tok, conv, add_generation_prompt=True)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert set(labels) == {IGNORE_INDEX}

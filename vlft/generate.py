@@ -179,16 +179,11 @@ def process_media(media: list, limits: MediaLimits, tokens_per_second: float, ca
 def prompt_ids(messages: list, tokenizer, media_tokens: list[int], system_prompt: str | None = None) -> list[int]:
     """Token ids of a conversation ending in an open assistant turn (`<|im_start|>assistant\\n`), rendered by the
     training template (vlft.data.encode_conversation) so prompts match training exactly."""
-    from vlft.data import Message, encode_conversation
+    from vlft.data import encode_conversation
 
-    # The training encoder needs an assistant reply: render a placeholder one and cut where it starts. Its labels
-    # end [..., -100 (<|im_start|>assistant\n), x, <|im_end|>, -100 (\n)]: walk back over the last labelled run.
-    ids, labels = encode_conversation(list(messages) + [Message("assistant", ["x"])], tokenizer, media_tokens,
-                                      system_prompt=system_prompt)
-    start = max(i for i, lab in enumerate(labels) if lab != -100)
-    while labels[start - 1] != -100:
-        start -= 1
-    return ids[:start]
+    ids, _ = encode_conversation(list(messages), tokenizer, media_tokens, system_prompt=system_prompt,
+                                 add_generation_prompt=True)
+    return ids
 
 
 def encode_prompt(messages: list, tokenizer, limits: MediaLimits, tokens_per_second: float = 2.0,

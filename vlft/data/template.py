@@ -70,14 +70,19 @@ def encode_conversation(
     system_prompt: str | None = None,
     add_vision_id: bool = False,
     ids: SpecialIds | None = None,
+    add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a conversation; media_tokens[k] = merged tokens of the k-th media item (t*h*w/4)."""
+    """Token ids and labels of a conversation; media_tokens[k] = merged tokens of the k-th media item (t*h*w/4).
+
+    With `add_generation_prompt` (inference) no assistant reply is required and `<|im_start|>assistant\n` is
+    appended, as the chat template's add_generation_prompt does; labels are then all IGNORE_INDEX.
+    """
     ids = ids or SpecialIds.from_tokenizer(tokenizer)
     for m in messages:
         if m.role not in ROLES:
             raise BadInput(f"unknown role {m.role!r} (expected one of {', '.join(ROLES)})")
     assistant_turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
-    if not assistant_turns:
+    if not assistant_turns and not add_generation_prompt:
         raise BadInput("no assistant reply")
     supervised = set(assistant_turns[-1:] if last_turn_only else assistant_turns)
     if messages[0].role != "system":
@@ -107,6 +112,8 @@ def encode_conversation(
             pieces.append(([ids.vision_start] + [pad] * media_tokens[k] + [ids.vision_end], False))
             k += 1
         pieces += [([ids.im_end], sup), ("\n", False)]
+    if add_generation_prompt:
+        pieces += [([ids.im_start], False), ("assistant\n", False)]
     if k != len(media_tokens):
         raise BadInput(f"{k} media items in the conversation but {len(media_tokens)} were processed")
 
@@ -137,6 +144,6 @@ def encode_conversation(
     expected_vid = sum(media_tokens) - expected_img
     if input_ids.count(ids.image_pad) != expected_img or input_ids.count(ids.video_pad) != expected_vid:
         raise BadInput("the text itself contains <|image_pad|> or <|video_pad|>; such literal tokens are not allowed")
-    if all(x == IGNORE_INDEX for x in labels):
+    if all(x == IGNORE_INDEX for x in labels) and not add_generation_prompt:
         raise BadInput("no supervised token (the assistant replies are empty)")
     return input_ids, labels
