@@ -100,3 +100,49 @@ def test_load_dtype_and_config_forms(tmp_path):
     assert flat.text == nested.text and flat.vision == nested.vision
     bf16 = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
+    """Built on the meta device and filled shard by shard: the loader's peak memory growth stays near 1x the weights
+    plus about one shard (a load into a materialised model would need 2x). Measured as peak RSS growth in a fresh
+    process, with every weight touched so that all of it is resident."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from vlft.model import ModelConfig, TextConfig, VisionConfig, build_model
+
+    cfg = ModelConfig(vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                          fullatt_block_indexes=[1], out_hidden_size=512),
+                      text=TextConfig(vocab_size=4000, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                                      num_attention_heads=8, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                      tie_word_embeddings=False, torch_dtype="float32")
+    model = build_model(cfg)
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    save_pretrained(model, tmp_path / "big", max_shard_size="20MB")
+    del model
+    tiny, _ = make_pair()
+    save_pretrained(tiny, tmp_path / "tiny")
+    script = textwrap.dedent(f"""
+        import torch
+        from vlft.model import load_pretrained
+
+        load_pretrained({str(tmp_path / "tiny")!r}, dtype=torch.float32)  # the first load imports more modules
+
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+
+        before = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+        m = load_pretrained({str(tmp_path / "big")!r}, dtype=torch.float32)
+        float(sum(p.detach().sum() for p in m.parameters()))  # touch every weight: all of it is resident now
+        print(status("VmHWM") - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth = int(out.stdout.strip().splitlines()[-1])
+    print(f"weights {weight_bytes / 1e6:.0f} MB, peak growth {growth / 1e6:.0f} MB")
+    assert weight_bytes > 150e6  # 20 MB shards: one shard is a small part of it
+    assert 0.8 * weight_bytes < growth < 1.35 * weight_bytes, f"peak growth {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB of weights"
