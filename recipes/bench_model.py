@@ -68,7 +68,7 @@ def make_inputs(cfg: ModelConfig, device, text_tokens: int, image_hw=(16, 22), v
     return out, mm.to(device)
 
 
-def step_fn(model, inputs, kind: str):
+def step_fn(model, inputs):
     def run():
         out = model(**inputs)
         out.loss.backward()
@@ -135,9 +135,9 @@ def main() -> None:
     n_tokens = inputs["input_ids"].shape[1]
 
     runs = {
-        "transformers": step_fn(hf, {**inputs, "mm_token_type_ids": mm}, "hf"),
-        "vlft": step_fn(ours, inputs, "vlft"),
-        "vlft chunked loss": step_fn(ours, {**inputs, "return_logits": False}, "vlft"),
+        "transformers": step_fn(hf, {**inputs, "mm_token_type_ids": mm}),
+        "vlft": step_fn(ours, inputs),
+        "vlft chunked loss": step_fn(ours, {**inputs, "return_logits": False}),
     }
     for fn in runs.values():  # warm-up
         fn()

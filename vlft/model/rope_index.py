@@ -14,15 +14,7 @@ length c) uses position c + rope_delta in all rows.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-
-
-class _Ids(Protocol):
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
 
 
 def _grid_rows(grid: torch.Tensor | None) -> list[list[int]]:
@@ -58,7 +50,6 @@ def get_rope_index(
     Returns:
         position_ids [3, B, L] int64 (masked positions 1) and rope_deltas [B, 1] int64.
     """
-    ids_cfg: _Ids = config
     merge = config.vision.spatial_merge_size
     tokens_per_second = float(config.vision.tokens_per_second)
     B, L = input_ids.shape
@@ -86,8 +77,8 @@ def get_rope_index(
             # next vision block: a start token followed by an image or video pad token
             blk = pos
             while blk < n and not (
-                tokens[blk] in (ids_cfg.image_token_id, ids_cfg.video_token_id)
-                and blk > 0 and tokens[blk - 1] == ids_cfg.vision_start_token_id
+                tokens[blk] in (config.image_token_id, config.video_token_id)
+                and blk > 0 and tokens[blk - 1] == config.vision_start_token_id
             ):
                 blk += 1
             if blk > pos:  # text run
@@ -95,7 +86,7 @@ def get_rope_index(
                 next_pos += blk - pos
             if blk >= n:
                 break
-            if tokens[blk] == ids_cfg.image_token_id:
+            if tokens[blk] == config.image_token_id:
                 if img_i >= len(images):
                     raise ValueError(f"sample {b}: more image blocks than image_grid_thw rows ({len(images)})")
                 t, h, w = images[img_i]
