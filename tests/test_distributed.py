@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train_helpers import REPO, tiny_config
+from test_train_helpers import REPO, free_port, tiny_config
 
 N_SAMPLES, STEPS = 12, 3
 
@@ -32,9 +32,9 @@ def _rank_split_kinds(seed: int) -> list[str]:
     return kinds
 
 
-def _launch(setup: str, cfg_path, port: int, timeout: int = 420) -> None:
+def _launch(setup: str, cfg_path, timeout: int = 420) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
-           "--num_processes", "2", "--main_process_port", str(port), "recipes/sft.py", str(cfg_path)]
+           "--num_processes", "2", "--main_process_port", str(free_port()), "recipes/sft.py", str(cfg_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{setup} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}"
@@ -59,12 +59,12 @@ def _outputs_with_adapter(ckpt) -> torch.Tensor:
     return model(ids).logits
 
 
-def _run(tmp_path, data, setup: str, port: int):
+def _run(tmp_path, data, setup: str):
     cfg = tiny_config(tmp_path, data, train={"output_dir": str(tmp_path / setup), "max_steps": STEPS,
                                              "micro_batch_size": 1, "gradient_accumulation": 2})
     path = tmp_path / f"{setup}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    _launch(setup, path, port=port, timeout=180 if setup == "zero3" else 420)
+    _launch(setup, path, timeout=180 if setup == "zero3" else 420)
     ckpt = tmp_path / setup / f"checkpoint-{STEPS:07d}"
     assert (ckpt / "COMPLETE").is_file()
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 10_000
@@ -77,9 +77,9 @@ def test_ddp_zero2_and_zero3_agree(tmp_path):
     from vlft.train_cli import make_tiny_data
 
     data = make_tiny_data(tmp_path / "data", _rank_split_kinds(seed=0))
-    ddp_losses, ddp_ckpt = _run(tmp_path, data, "cpu", 29611)
-    zero2_losses, zero2_ckpt = _run(tmp_path, data, "zero2", 29612)
-    zero3_losses, zero3_ckpt = _run(tmp_path, data, "zero3", 29613)
+    ddp_losses, ddp_ckpt = _run(tmp_path, data, "cpu")
+    zero2_losses, zero2_ckpt = _run(tmp_path, data, "zero2")
+    zero3_losses, zero3_ckpt = _run(tmp_path, data, "zero3")
     assert len(ddp_losses) == STEPS
     assert zero2_losses == pytest.approx(ddp_losses, abs=1e-4)
     assert zero3_losses == pytest.approx(ddp_losses, abs=1e-4)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from vlft.demo.run import free_port  # noqa: F401  (re-exported for the multi-process tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

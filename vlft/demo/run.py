@@ -171,11 +171,20 @@ def run_training(config: Path, overrides: list[str], processes: int) -> None:
         return
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "launch" / "accelerate" / "cpu.yaml"), "--num_processes", str(processes),
-           str(REPO / "recipes" / "sft.py"), str(config), *overrides]
+           "--main_process_port", str(free_port()), str(REPO / "recipes" / "sft.py"), str(config), *overrides]
     print("$ accelerate launch --config_file launch/accelerate/cpu.yaml --num_processes "
           f"{processes} recipes/sft.py {config} {' '.join(overrides)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     subprocess.run(cmd, check=True, env=env)
+
+
+def free_port() -> int:
+    """A port nobody listens on now: two launches at once on one machine must not share the rendezvous port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def loss_history(train_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
