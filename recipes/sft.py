@@ -3,8 +3,15 @@
     accelerate launch --config_file launch/accelerate/<setup>.yaml recipes/sft.py CONFIG [section.key=value ...]
     vlft train CONFIG [section.key=value ...]           (same recipe, one process)
 
-It reads top to bottom: config, accelerator, model, adapters, data, optimizer, prepare, resume, loop, save.
-`run(cfg)` is the same thing as a function (tests call it in-process) and returns the per-step record.
+`run(cfg)` reads top to bottom: build everything (`build`), resume (`resume`), then the loop, in which each optimizer
+step is one window of micro-batches (`next_window`) run forward and backward (`forward_backward`) and then applied or
+dropped (`finish_step`), with evaluation (`evaluate`) and checkpoints (`save`) between steps. Tests call these
+functions one by one.
+
+One all-reduce per step carries all of a step's bookkeeping (`vlft.distributed.reduce_sum`): the supervised-token
+count of the next window (the loss normalisation needs it before its backward), and the loss sum, NaN flag and stop
+request of the window just run (needed before its optimizer step). So the reduction of window k+1's counts and the
+decision on step k are the same call, and the micro-batch loop itself never reads a device value back.
 """
 
 from __future__ import annotations
@@ -15,17 +22,21 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from vlft.adapters import apply_lora, format_report, trainable_report
-from vlft.checkpoint import load_checkpoint, remove_partial, resolve_resume, save_checkpoint, write_inference_files
+from vlft.checkpoint import (check_run_folder, checkpoint_name, claim_run_folder, load_checkpoint, read_trainer_state,
+                             remove_partial, resolve_resume, run_id_of, save_checkpoint, trim_metrics,
+                             write_inference_files)
 from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
-from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, eval_rank_batches, precision,
-                              rank_batches, to_device)
+from vlft.data.sampler import PlanSettings, fill, micro_steps, plan_epoch, rank_share
+from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
+                              reduce_sum, to_device)
 from vlft.optim import build_optimizer, build_scheduler
 from vlft.tracking import Tracker, format_metrics
 
@@ -34,24 +45,67 @@ class TooManyBadSteps(RuntimeError):
     """Several optimizer steps in a row had a NaN or inf loss."""
 
 
-def run(cfg: ExperimentConfig) -> dict[str, Any]:
+@dataclass
+class Setup:
+    """Everything `build` makes; the step functions read it."""
+
+    cfg: ExperimentConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_ds: Any
+    eval_ds: Any
+    lengths: list[list[int]] | None  # per dataset, per row: tokens (for packing / grouping), else None
+    collate: Any
+    skips: Any
+    tokenizer: Any
+    model_config: Any
+    plan: PlanSettings
+    total_steps: int
+    out_dir: Path
+    folder_verdict: str
+    run_id: str = ""
+    tracker: Any = None
+    progress: Any = None
+    last_batch: dict | None = None  # the last usable training batch (host), stand-in for batches left empty
+    stop: list[int] = field(default_factory=list)  # signals received (SIGTERM/SIGINT)
+    handlers: dict = field(default_factory=dict)  # signal handlers to put back at the end
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+# ======================================================================================================= build
+def build(cfg: ExperimentConfig) -> Setup:
+    """Accelerator, run folder check, tokenizer and datasets (before the model: bad data fails in seconds), model with
+    adapters, optimizer and schedule, all prepared for the topology `accelerate launch` chose."""
     from transformers import AutoTokenizer
 
     from vlft.data import Collator, SkipCounter, build_datasets
     from vlft.model import build_model, load_pretrained, preset
 
-    # ---- 1. config and output folder -------------------------------------------------------------------------------
-    out_dir = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial(out_dir)
-        dump_yaml(cfg, out_dir / "config.yaml")
+    out_dir = Path(cfg.train.output_dir)
+    verdict = check_run_folder(out_dir, cfg.checkpoint.resume, cfg.train.overwrite_output_dir)  # before any write
     accelerator.wait_for_everyone()
-    torch.manual_seed(cfg.train.seed)
 
-    # ---- 2. model ----------------------------------------------------------------------------------------------------
+    # data first: a missing file or a bad tokenizer costs seconds, not a model load
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.path)  # never trust_remote_code
+    model_config = _model_config(cfg)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, model_config.vision.tokens_per_second)
+    if not hasattr(train_ds, "__len__"):
+        raise NotImplementedError("data: streaming datasets are not supported by the recipe yet")
+    plan = PlanSettings.from_config(cfg.data, cfg.train.micro_batch_size)
+    lengths = _length_index(cfg, accelerator, train_ds) if (plan.packing or plan.group_by_length) else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_id
+    collate = Collator(model_config, pad_id, packing=cfg.data.packing, max_length=cfg.data.max_length)
+    skips = SkipCounter(cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples)
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * _steps_per_epoch(cfg, plan, train_ds, lengths,
+                                                                                      accelerator.num_processes))
+
+    torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
     dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
     if cfg.model.path.startswith("preset:"):  # a random model (tests, demos); its init is seeded by train.seed
         model = build_model(preset(cfg.model.path.split(":", 1)[1]), dtype=dtype)
@@ -61,216 +115,365 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path
-    model_config = model.config
-
-    # ---- 3. adapters -------------------------------------------------------------------------------------------------
     model = apply_lora(model, cfg)
-    tracker = Tracker(cfg.logging, out_dir, to_dict(cfg), enabled=is_main)
-    tracker.console(format_report(trainable_report(model)))
 
-    # ---- 4. data -----------------------------------------------------------------------------------------------------
-    tokenizer_path = cfg.data.tokenizer or cfg.model.path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # never trust_remote_code
-    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, model_config.vision.tokens_per_second)
-    if not hasattr(train_ds, "__len__"):
-        raise NotImplementedError("data: streaming datasets are not supported by the recipe yet (exact resume and "
-                                  "equal per-rank step counts need an indexable dataset)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_id
-    collate = Collator(model_config, pad_id, packing=cfg.data.packing, max_length=cfg.data.max_length)
-    skips = SkipCounter(cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples)
-    B, GAS = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
-    micro_per_epoch = len(rank_batches(list(range(len(train_ds))), B, rank, world))
-    if micro_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training samples cannot fill one micro-batch of {B} on {world} ranks")
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * micro_per_epoch / GAS)
-
-    def loader(dataset: Any, batches: list[list[int]], seed: int) -> torch.utils.data.DataLoader:
-        # Own generator: creating a loader must not draw from the global RNG (dropout), or resume would not be exact.
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                           num_workers=cfg.data.num_workers,
-                                           generator=torch.Generator().manual_seed(seed))
-
-    def train_stream(epoch: int, index: int):
-        """Endless (epoch, micro-batches consumed in it, batch) for this rank, from a stored data position."""
-        while True:
-            train_ds.set_epoch(epoch)  # the dataset reshuffles from data.seed + epoch: the same order on every rank
-            batches = rank_batches(list(range(len(train_ds))), B, rank, world)
-            for batch in loader(train_ds, batches[index:], cfg.train.seed + epoch):
-                index += 1
-                yield epoch, index, batch
-            epoch, index = epoch + 1, 0
-
-    # ---- 5. optimizer, schedule, prepare -----------------------------------------------------------------------------
     optimizer = build_optimizer(model, cfg.optim)
+    # the schedule steps the torch optimizer's own param groups, which DeepSpeed's optimizer shares: it is stepped by
+    # the recipe on every topology (accelerate's DeepSpeed wrapper would never step a LambdaLR)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Setup(cfg, accelerator, model, optimizer, scheduler, train_ds, eval_ds, lengths, collate, skips, tokenizer,
+                 model_config, plan, total_steps, out_dir, verdict)
 
-    # ---- 6. resume ---------------------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "index": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
-    resume_from = resolve_resume(cfg.checkpoint.resume, out_dir)
-    if resume_from is not None:
-        saved = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
-        state.update({k: saved[k] for k in state if k in saved})
-        tracker.console(f"resumed from {resume_from} at step {state['step']}")
 
-    def save() -> Path:
-        def extras(folder: Path) -> None:
-            dump_yaml(cfg, folder / "config.yaml")
-            write_inference_files(folder, tokenizer, cfg.data, model_config, cfg.model.path)
+def _model_config(cfg: ExperimentConfig):
+    from vlft.model import load_config, preset
 
-        return save_checkpoint(accelerator, model, optimizer, scheduler, state, out_dir, cfg.checkpoint.keep_last,
-                               extras)
+    if cfg.model.path.startswith("preset:"):
+        return preset(cfg.model.path.split(":", 1)[1])
+    return load_config(cfg.model.path)
 
-    def prepare_batch(batch: dict, fallback: dict | None) -> tuple[dict, int]:
+
+def _length_index(cfg: ExperimentConfig, accelerator, train_ds) -> list[list[int]]:
+    """Token counts of every row of every training dataset, measured once per node (by its first process, in
+    parallel DataLoader workers) and cached; the other processes read the cache."""
+    from vlft.data.lengths import load_or_measure
+
+    def load(write: bool) -> list[list[int]]:
+        return [load_or_measure(src, train_ds.processor, cfg.data, dc, cfg.data.num_workers, write).tolist()
+                for src, dc in zip(train_ds.sources, train_ds.datasets)]
+
+    lengths = load(write=True) if accelerator.is_local_main_process else None
+    accelerator.wait_for_everyone()
+    return lengths if lengths is not None else load(write=False)
+
+
+def _epoch_lengths(train_ds, lengths: list[list[int]] | None) -> list[int]:
+    """Token counts in the order of the dataset's current epoch (zeros when no index is needed)."""
+    if lengths is None:
+        return [0] * len(train_ds)
+    return [lengths[d][row] for d, row in train_ds.order]
+
+
+def _steps_per_epoch(cfg, plan: PlanSettings, train_ds, lengths, world: int) -> int:
+    train_ds.set_epoch(0)
+    n = micro_steps(plan_epoch(_epoch_lengths(train_ds, lengths), plan, 0), 0, world)
+    if n == 0:
+        raise ValueError(f"{len(train_ds)} training samples cannot fill one micro-batch on each of {world} ranks "
+                         f"(train.micro_batch_size={cfg.train.micro_batch_size})")
+    return max(1, n // cfg.train.gradient_accumulation)
+
+
+# ======================================================================================================= data
+@dataclass
+class Window:
+    """The micro-batches of one optimizer step on this rank, with the host-side counts of the collator."""
+
+    batches: list[dict]
+    label_tokens: int
+    samples: int
+    tokens: int
+    skipped: int
+    position: dict  # data position once this window is consumed
+    started: float = field(default_factory=time.perf_counter)
+
+
+class DataStream:
+    """This rank's micro-batches, epoch after epoch, from a data position {epoch, index (global micro-batches
+    consumed in the epoch), start (first position of the epoch's plan)}; see vlft/data/sampler.py."""
+
+    def __init__(self, s: Setup, position: dict):
+        self.s, self.position = s, dict(position)
+        self._batches = self._iterate()
+
+    def _iterate(self) -> Iterator[tuple[dict, dict]]:
+        s, (epoch, index, start) = self.s, (self.position[k] for k in ("epoch", "index", "start"))
+        while True:
+            s.train_ds.set_epoch(epoch)  # the dataset reshuffles from data.seed + epoch: the same order on every rank
+            plan = plan_epoch(_epoch_lengths(s.train_ds, s.lengths), s.plan, epoch, start)
+            share = rank_share(plan, index, s.world, s.accelerator.process_index)
+            for k, batch in enumerate(_loader(s, s.train_ds, share, s.cfg.train.seed + epoch)):
+                yield batch, {"epoch": epoch, "index": index + (k + 1) * s.world, "start": start, "plan": plan}
+            epoch, index, start = epoch + 1, 0, 0
+
+    def window(self) -> Window:
+        batches, counts, position = [], [0, 0, 0, 0], None
+        for _ in range(self.s.cfg.train.gradient_accumulation):
+            raw, position = next(self._batches)
+            batch, n = self._prepare(raw)
+            batches.append(batch)
+            counts = [c + x for c, x in zip(counts, (batch.pop("num_label_tokens"), n, batch.pop("num_tokens"),
+                                                      len(raw.get("skipped", []))))]
+        return Window(batches, *counts, position=position)
+
+    def _prepare(self, batch: dict) -> tuple[dict, int]:
         """Count skipped samples; a micro-batch left empty by skips becomes a copy of an earlier one with no
         supervised token, so every rank still runs the same forward/backward calls (ZeRO-3 needs that)."""
         n = batch.pop("num_samples", 0)
-        skips.add(n, batch.pop("skipped", []))
-        if n == 0:
-            if fallback is None:
-                raise RuntimeError("the first micro-batch of the run has no usable sample")
-            batch = dict(fallback, labels=torch.full_like(fallback["labels"], -100))
-        return to_device(batch, accelerator.device), n
+        self.s.skips.add(n, batch.pop("skipped", []))
+        if n:
+            self.s.last_batch = batch
+            return to_device(batch, self.s.accelerator.device), n
+        return to_device(stand_in(self.s), self.s.accelerator.device), n
 
-    def forward(batch: dict):
-        # no full-vocabulary logits: the loss is computed chunk by chunk inside lm_head (vlft.loss)
-        return model(**batch, return_logits=False, run_vision_always=cfg.model.run_vision_always)
 
-    def evaluate(fallback: dict | None) -> float:
-        """Mean token loss over the eval split; `fallback` (a batch already run) stands in, with no supervised
-        token, for a rank whose share of the split has run out."""
-        model.eval()
-        batches = eval_rank_batches(len(eval_ds), B, rank, world)
-        if cfg.train.eval_batches:
-            batches = batches[:cfg.train.eval_batches]
-        loss_sum = n_tok = 0.0
-        last = fallback
-        with torch.no_grad():
-            for batch in loader(eval_ds, batches, cfg.train.seed):
-                batch, _ = prepare_batch(batch, last)
-                last = batch
-                out = forward(batch)
-                loss_sum += float(out.loss_sum)
-                n_tok += float(out.num_label_tokens)
-        model.train()
-        return global_sum(accelerator, loss_sum) / max(global_sum(accelerator, n_tok), 1.0)
+def stand_in(s: Setup) -> dict:
+    """A copy of the last usable batch with no supervised token: what a rank runs when skips (or the end of its
+    evaluation share) leave it no sample, so that every rank still makes the same forward/backward calls."""
+    if s.last_batch is None:
+        raise RuntimeError("the first micro-batch of the run has no usable sample")
+    return dict(s.last_batch, labels=torch.full_like(s.last_batch["labels"], -100), num_label_tokens=0, num_tokens=0)
 
-    stop_signal: list[int] = []
-    previous_handlers = {}
-    if cfg.checkpoint.save_on_signal:  # finish the step, checkpoint, exit cleanly (see the end of the loop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
-    # ---- 7. loop -----------------------------------------------------------------------------------------------------
-    stream = train_stream(state["epoch"], state["index"])
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not (is_main and cfg.logging.progress_bar),
-                    dynamic_ncols=True)
-    history: list[dict[str, float]] = []
-    last_batch = None
-    last_saved = state["step"] if resume_from is not None else -1
-    status = "completed"
-    model.train()
-    while state["step"] < total_steps:
-        t0 = time.perf_counter()
-        window = []
-        for _ in range(GAS):
-            state["epoch"], state["index"], raw = next(stream)
-            batch, n_samples = prepare_batch(raw, last_batch)
-            last_batch = batch
-            window.append((batch, n_samples))
-        # Normalise by the supervised tokens of the whole accumulated batch on all ranks: every token weighs the same
-        # whatever micro-batch or rank it landed in. DDP and DeepSpeed average gradients over ranks and accelerate
-        # divides by the accumulation steps, so the scale multiplies both back.
-        n_tokens = global_sum(accelerator, sum(float((b["labels"][:, 1:] != -100).sum()) for b, _ in window))
-        scale = world * GAS / max(n_tokens, 1.0)
-        lrs = {g.get("part", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        loss_sum, bad = 0.0, False
-        for batch, _ in window:
-            with accelerator.accumulate(model):
-                out = forward(batch)
-                # every rank learns whether any rank saw a non-finite loss, so all skip together
-                bad = bad or any_rank(accelerator, not bool(torch.isfinite(out.loss_sum)))
-                if not bad:
-                    accelerator.backward(out.loss_sum * scale)
-                    loss_sum += float(out.loss_sum.detach())
-                elif not is_deepspeed(accelerator):  # keeps DDP's reducer in step; the gradients are dropped below
-                    accelerator.backward(out.loss_sum * 0.0)
-        if bad:
-            # No update: gradients dropped, the schedule does not advance (under DeepSpeed the finite micro-batches
-            # before the bad one were already accumulated by the engine; see README).
-            optimizer.zero_grad(set_to_none=True)
-            state["skipped_steps"] += 1
-            state["bad_in_a_row"] += 1
-            tracker.console(f"step {state['step'] + 1}: non-finite loss, step skipped "
-                            f"({state['bad_in_a_row']} in a row, {state['skipped_steps']} in all)", progress)
-            if state["bad_in_a_row"] >= cfg.train.max_bad_steps:
-                progress.close()
-                tracker.close()
-                for sig, handler in previous_handlers.items():
-                    signal.signal(sig, handler)
-                raise TooManyBadSteps(f"stopping: {state['bad_in_a_row']} steps in a row had a NaN/inf loss "
-                                      f"(train.max_bad_steps={cfg.train.max_bad_steps}); check the learning rate "
-                                      f"and the data around epoch {state['epoch']}, micro-batch {state['index']}")
-            continue
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["bad_in_a_row"] = 0
+def _loader(s: Setup, dataset, batches: list[list[int]], seed: int) -> torch.utils.data.DataLoader:
+    # Own generator: creating a loader must not draw from the global RNG (dropout), or resume would not be exact.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=s.collate,
+                                       num_workers=s.cfg.data.num_workers, worker_init_fn=_worker_init,
+                                       generator=torch.Generator().manual_seed(seed))
 
-        # ---- metrics
-        step = state["step"]
-        dt = time.perf_counter() - t0
-        seen = global_sum(accelerator, sum(float(_tokens_in(b)) for b, _ in window))
-        samples = global_sum(accelerator, sum(n for _, n in window))
-        state["tokens"] += int(seen)
-        record = {"loss": global_sum(accelerator, loss_sum) / max(n_tokens, 1.0), "lr": lrs.get("language",
-                  next(iter(lrs.values()))), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": seen / dt, "samples_per_s": samples / dt, "supervised_tokens": n_tokens,
-                  "peak_mem_gb": _peak_memory_gb(), "skipped_steps": state["skipped_steps"]}
-        for part in ("vision", "merger"):
-            if part in lrs:
-                record[f"lr_{part}"] = lrs[part]
-        history.append(record)
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            tracker.log(step, record)
-            if not cfg.logging.progress_bar:
-                tracker.console(format_metrics(step, total_steps, record), progress)
-        if eval_ds is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            tracker.log(step, {"loss": evaluate(last_batch)}, prefix="eval")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save()
-            last_saved = step
-        if cfg.checkpoint.save_on_signal and any_rank(accelerator, bool(stop_signal)):
-            status = "interrupted"
-            break
 
-    # ---- 8. final evaluation and save --------------------------------------------------------------------------------
-    progress.close()
-    eval_loss = None
-    if eval_ds is not None and status == "completed":
-        eval_loss = evaluate(last_batch)
-        tracker.log(state["step"], {"loss": eval_loss}, prefix="eval")
-        tracker.console(f"eval loss {eval_loss:.4f}")
-    path = save() if state["step"] != last_saved else out_dir / f"checkpoint-{state['step']:07d}"
-    tracker.console(f"{status} at step {state['step']}: checkpoint {path}")
-    tracker.close()
-    for sig, handler in previous_handlers.items():
+def _worker_init(_: int) -> None:
+    # A scheduler signals the whole process group: workers must outlive the main process's last step and
+    # checkpoint, so they leave SIGTERM/SIGINT to it (they exit with it, as DataLoader workers always do).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def resume_position(position: dict) -> int:
+    """The first epoch position not yet consumed: where a changed batch plan restarts without skipping a sample."""
+    plan = position["plan"]
+    rest = [p for mb in plan[position["index"]:] for p in mb]
+    return min(rest) if rest else (max((p for mb in plan for p in mb), default=-1) + 1)
+
+
+# ======================================================================================================= one step
+def forward(s: Setup, batch: dict):
+    # no full-vocabulary logits: the loss is computed chunk by chunk inside lm_head (vlft.loss)
+    return s.model(**batch, return_logits=False, run_vision_always=s.cfg.model.run_vision_always)
+
+
+def forward_backward(s: Setup, window: Window, label_tokens: float) -> dict:
+    """Forward and backward of a window's micro-batches; returns the device-side loss sum and NaN flag (not read).
+
+    The loss is normalised by the supervised tokens of the whole step on all ranks: every token weighs the same
+    whatever micro-batch or rank it landed in. DDP and DeepSpeed average gradients over ranks and both divide by the
+    accumulation steps, so the scale multiplies both back."""
+    scale = s.world * s.cfg.train.gradient_accumulation / max(label_tokens, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.accelerator.device)
+    bad = torch.zeros((), dtype=torch.bool, device=s.accelerator.device)
+    for i, batch in enumerate(window.batches):
+        out = forward(s, batch)
+        loss = out.loss_sum.detach()
+        bad |= ~torch.isfinite(loss)
+        loss_sum += torch.nan_to_num(loss.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        # a non-finite loss still runs its backward (every rank must make the same calls); the whole step is dropped
+        backward(s.accelerator, s.model, out.loss_sum * scale, last=i == len(window.batches) - 1)
+    return {"loss_sum": loss_sum, "bad": bad, "window": window, "label_tokens": label_tokens}
+
+
+def bookkeeping(s: Setup, window: Window | None, pending: dict | None) -> dict:
+    """The step's single all-reduce: counts of `window` (about to run) and outcome of `pending` (just run)."""
+    w = window or Window([], 0, 0, 0, 0, {})
+    zero = torch.zeros((), device=s.accelerator.device)
+    values = [w.label_tokens, w.samples, w.tokens, w.skipped,
+              pending["loss_sum"] if pending else zero, pending["bad"].float() if pending else zero,
+              1.0 if s.stop else 0.0]
+    keys = ("label_tokens", "samples", "tokens", "skipped", "loss_sum", "bad", "stop")
+    return dict(zip(keys, reduce_sum(s.accelerator, values)))
+
+
+def finish_step(s: Setup, state: dict, pending: dict, totals: dict, history: list[dict]) -> None:
+    """Apply the pending step (or drop it when any rank saw a NaN/inf loss), advance the schedule, log, evaluate,
+    save. `pending["counts"]` holds the window's global counts from the reduce that preceded its backward."""
+    cfg, bad = s.cfg, totals["bad"] > 0
+    grad_norm = optimizer_step(s.accelerator, s.model, s.optimizer, cfg.optim.max_grad_norm, drop=bad)
+    window, counts = pending["window"], pending["counts"]
+    state["samples_seen"] += int(counts["samples"] + counts["skipped"])
+    state["skipped_samples"] += int(counts["skipped"])
+    state.update(position=window.position)
+    if bad:
+        state["skipped_steps"] += 1
+        state["bad_in_a_row"] += 1
+        s.tracker.console(f"step {state['step'] + 1}: non-finite loss, step skipped ({state['bad_in_a_row']} in a "
+                          f"row, {state['skipped_steps']} in all)", s.progress)
+        if state["bad_in_a_row"] >= cfg.train.max_bad_steps:
+            raise TooManyBadSteps(f"stopping: {state['bad_in_a_row']} steps in a row had a NaN/inf loss "
+                                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); check the learning rate and "
+                                  f"the data around epoch {window.position['epoch']}")
+        return
+    lrs = {g.get("part", str(i)): g["lr"] for i, g in enumerate(s.optimizer.param_groups)}
+    s.scheduler.step()
+    state["step"] += 1
+    state["bad_in_a_row"] = 0
+    state["tokens"] += int(counts["tokens"])
+    step, dt = state["step"], time.perf_counter() - window.started
+    record = {"loss": totals["loss_sum"] / max(pending["label_tokens"], 1.0),
+              "lr": lrs.get("language", next(iter(lrs.values()))), "grad_norm": grad_norm,
+              "tokens_per_s": counts["tokens"] / dt, "samples_per_s": counts["samples"] / dt,
+              "supervised_tokens": pending["label_tokens"], "peak_mem_gb": _peak_memory_gb(),
+              "skipped_steps": state["skipped_steps"], "skipped_samples": state["skipped_samples"]}
+    record.update({f"lr_{part}": lrs[part] for part in ("vision", "merger") if part in lrs})
+    history.append(record)
+    s.progress.update(1)
+    s.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                           tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+    if step % cfg.train.log_every == 0 or step == s.total_steps:
+        _read_grad_norm(record)  # a device value: read only when logged
+        s.tracker.log(step, record)
+        if not cfg.logging.progress_bar:
+            s.tracker.console(format_metrics(step, s.total_steps, record), s.progress)
+    if s.eval_ds is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < s.total_steps:
+        s.tracker.log(step, {"loss": evaluate(s)}, prefix="eval")
+    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        save(s, state)
+
+
+# ======================================================================================================= eval, save
+def evaluate(s: Setup) -> float:
+    """Mean token loss over the eval split. Every rank runs the same number of batches; a rank whose share has
+    run out runs a stand-in batch with no supervised token, so nothing is counted twice."""
+    cfg = s.cfg
+    s.model.eval()
+    batches = eval_rank_batches(len(s.eval_ds), cfg.train.micro_batch_size, s.accelerator.process_index, s.world)
+    if cfg.train.eval_batches:
+        batches = batches[:cfg.train.eval_batches]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.accelerator.device)
+    n_tok = 0
+    with torch.no_grad():
+        for batch in _loader(s, s.eval_ds, batches, cfg.train.seed):
+            batch.pop("skipped", [])
+            if not batch.pop("num_samples", 0):
+                batch = stand_in(s)
+            n_tok += batch.pop("num_label_tokens")
+            batch.pop("num_tokens")
+            loss_sum += forward(s, to_device(batch, s.accelerator.device)).loss_sum.double()
+    s.model.train()
+    total_loss, total_tokens = reduce_sum(s.accelerator, [loss_sum, n_tok])
+    return total_loss / max(total_tokens, 1.0)
+
+
+def save(s: Setup, state: dict) -> Path:
+    cfg = s.cfg
+    position = dict(state["position"])
+    position["start"] = resume_position(position)  # where a changed plan may restart without skipping a sample
+    saved = {k: v for k, v in state.items() if k != "position"}
+    saved.update(epoch=position["epoch"], index=position["index"], plan_start=position["start"],
+                 epoch_start=state["position"]["start"], plan=s.plan.fingerprint(), run_id=s.run_id,
+                 gradient_accumulation=cfg.train.gradient_accumulation, micro_batch_size=cfg.train.micro_batch_size)
+
+    def extras(folder: Path) -> None:
+        dump_yaml(cfg, folder / "config.yaml")
+        write_inference_files(folder, s.tokenizer, cfg.data, s.model_config, cfg.model.path)
+
+    path = save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, saved, s.out_dir,
+                           cfg.checkpoint.keep_last, extras)
+    state["last_saved"] = state["step"]
+    return path
+
+
+# ======================================================================================================= resume
+def resume(s: Setup) -> dict:
+    """Claim the run folder, then the starting state: fresh, or restored from `checkpoint.resume`. On another
+    number of processes the data continues from the same global micro-batch; a changed batch plan (micro-batch
+    size, max_length, packing) restarts the plan at the first sample not yet seen."""
+    cfg, acc = s.cfg, s.accelerator
+    resume_from = resolve_resume(cfg.checkpoint.resume, s.out_dir)
+    if acc.is_main_process:
+        s.run_id = claim_run_folder(s.out_dir, s.folder_verdict)
+        remove_partial(s.out_dir)
+        dump_yaml(cfg, s.out_dir / "config.yaml")
+        if resume_from is not None and resume_from.parent.resolve() == s.out_dir.resolve():
+            trim_metrics(s.out_dir, read_trainer_state(resume_from)["step"])
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        s.run_id = run_id_of(s.out_dir)
+    s.tracker = Tracker(cfg.logging, s.out_dir, to_dict(cfg), enabled=acc.is_main_process)
+    s.tracker.console(format_report(trainable_report(s.model)))
+    state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0,
+             "last_saved": -1, "position": {"epoch": 0, "index": 0, "start": 0, "plan": []}}
+    if resume_from is None:
+        return state
+    saved = load_checkpoint(acc, s.model, s.optimizer, s.scheduler, resume_from)
+    state.update({k: saved[k] for k in state if k in saved and k != "position"})
+    state["last_saved"] = state["step"]
+    position = {"epoch": saved["epoch"], "index": saved["index"], "start": saved.get("epoch_start", 0), "plan": []}
+    notes = []
+    if saved.get("plan") != s.plan.fingerprint():
+        position.update(index=0, start=saved["plan_start"])
+        notes.append(f"the batch plan changed (micro_batch_size/max_length/packing/seed): epoch {saved['epoch']} "
+                     f"continues from its sample {saved['plan_start']}, the first one not yet seen")
+    before = saved.get("world_size", s.world) * saved.get("gradient_accumulation", cfg.train.gradient_accumulation)
+    if before != s.world * cfg.train.gradient_accumulation:
+        notes.append(f"a step held {before} micro-batches and now holds {s.world * cfg.train.gradient_accumulation} "
+                     f"({s.world} processes x {cfg.train.gradient_accumulation} accumulation): the data continues "
+                     "from the same global micro-batch, but steps are no longer the same as the saved run's")
+    state["position"] = position
+    s.tracker.console(f"resumed from {resume_from} at step {state['step']}" + "".join(f"; {n}" for n in notes))
+    return state
+
+
+# ======================================================================================================= the run
+def run(cfg: ExperimentConfig) -> dict[str, Any]:
+    s = build(cfg)
+    try:
+        state = resume(s)
+        if cfg.checkpoint.save_on_signal:  # finish the step, checkpoint, exit cleanly
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                s.handlers[sig] = signal.signal(sig, lambda signum, frame: s.stop.append(signum))
+        s.progress = tqdm(total=s.total_steps, initial=state["step"], dynamic_ncols=True,
+                          disable=not (s.accelerator.is_main_process and cfg.logging.progress_bar))
+        stream, history, status = DataStream(s, state["position"]), [], "completed"
+        s.model.train()
+        window, pending = None, None
+        while True:
+            if window is None and state["step"] + (pending is not None) < s.total_steps:
+                window = stream.window()
+            totals = bookkeeping(s, window, pending)
+            if pending is not None:
+                finish_step(s, state, pending, totals, history)
+                pending = None
+            if totals["stop"] > 0 and cfg.checkpoint.save_on_signal:
+                status = "interrupted"
+                break
+            if window is None:
+                if state["step"] < s.total_steps:
+                    continue  # a dropped step left a step to run
+                break
+            pending = forward_backward(s, window, totals["label_tokens"])
+            pending["counts"] = totals
+            window = None
+
+        s.progress.close()
+        eval_loss = None
+        if s.eval_ds is not None and status == "completed":
+            eval_loss = evaluate(s)
+            s.tracker.log(state["step"], {"loss": eval_loss}, prefix="eval")
+            s.tracker.console(f"eval loss {eval_loss:.4f}")
+        path = save(s, state) if state["step"] != state["last_saved"] else s.out_dir / checkpoint_name(state["step"])
+        s.tracker.console(f"{status} at step {state['step']}: checkpoint {path}")
+        s.accelerator.wait_for_everyone()
+        for record in history:
+            _read_grad_norm(record)
+        return {"status": status, "steps": history, "losses": [r["loss"] for r in history], "eval_loss": eval_loss,
+                "checkpoint": str(path), "state": {k: v for k, v in state.items() if k != "position"},
+                "deepspeed": is_deepspeed(s.accelerator)}
+    finally:
+        teardown(s)
+
+
+def teardown(s: Setup) -> None:
+    """Undo what a run installed, whatever ended it: signal handlers, progress bar, trackers."""
+    for sig, handler in s.handlers.items():
         signal.signal(sig, handler)
-    accelerator.wait_for_everyone()
-    return {"status": status, "steps": history, "losses": [r["loss"] for r in history], "eval_loss": eval_loss,
-            "checkpoint": str(path), "state": dict(state), "deepspeed": is_deepspeed(accelerator)}
+    if s.progress is not None:
+        s.progress.close()
+    if s.tracker is not None:
+        s.tracker.close()
 
 
-def _tokens_in(batch: dict) -> int:
-    if batch.get("attention_mask") is not None:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+def _read_grad_norm(record: dict) -> None:
+    norm = record["grad_norm"]
+    record["grad_norm"] = float(norm) if norm is not None else float("nan")
 
 
 def _peak_memory_gb() -> float:

@@ -24,7 +24,7 @@ def test_golden_losses_and_artifacts(tmp_path):
     out = tmp_path / "out"
     ckpt = out / "checkpoint-0000004"
     for name in ("COMPLETE", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "trainer_state.json",
-                 "optimizer.pt", "rng/rank0.pt", "tokenizer.json", "preprocessor_config.json",
+                 "optimizer.safetensors", "rng/rank0.safetensors", "tokenizer.json", "preprocessor_config.json",
                  "video_preprocessor_config.json", "base_model.json"):
         assert (ckpt / name).is_file(), name
     assert (ckpt / "chat_template.jinja").is_file() or "chat_template" in (ckpt / "tokenizer_config.json").read_text()

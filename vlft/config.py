@@ -226,6 +226,9 @@ class TrainSection:
     eval_batches: int = 0  # micro-batches per evaluation on each rank; 0: the whole eval split
     log_every: int = 1  # optimizer steps between metric records
     max_bad_steps: int = 3  # consecutive NaN/inf steps (skipped and counted) after which the run stops
+    # A new run refuses an output_dir that holds another run; true replaces that run (its checkpoints, metrics and
+    # config are deleted; files that vlft did not write are never touched).
+    overwrite_output_dir: bool = False
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
-"""The one place that knows accelerate and DeepSpeed: the accelerator, reductions across ranks, the data order shared
-by all ranks, gathering trainable weights under ZeRO-3, and optimizer state files per topology.
+"""The one place that knows accelerate and DeepSpeed: the accelerator, the one reduction of a step's bookkeeping,
+backward and optimizer step (with NaN steps dropped on every topology), and gathering / scattering the trainable
+weights and their optimizer state by parameter name, so checkpoints are the same files on every topology.
 
 The rest of vlft sees plain tensors and `torch.nn.Module`s; the recipe calls these helpers.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ from accelerate.utils import DistributedType
 
 from vlft.config import ExperimentConfig
 
-# Batch keys that stay on the host: the vision tower reads the grids on the CPU (a device grid costs a sync).
-HOST_KEYS = ("image_grid_thw", "video_grid_thw")
+# Batch keys that stay on the host: the model reads grids and packed-segment boundaries as Python numbers, and a
+# device copy would cost a device-to-host sync in the forward pass.
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens")
 
 
 def precision(cfg: ExperimentConfig) -> str:
@@ -74,17 +75,15 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-def global_sum(accelerator: Accelerator, value: float) -> float:
-    """Sum of a number over all ranks (every rank gets the result)."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
+def reduce_sum(accelerator: Accelerator, values: list[float | torch.Tensor]) -> list[float]:
+    """Sums over all ranks of a few numbers (host floats or 0-d device tensors, e.g. a loss), in ONE all-reduce,
+    then one read back to the host. The training loop's bookkeeping of a step goes through this once."""
+    device = accelerator.device
+    t = torch.stack([v.detach().to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
+                     else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
-    return float(t.item())
-
-
-def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. a NaN loss or a received SIGTERM)."""
-    return global_sum(accelerator, 1.0 if flag else 0.0) > 0
+    return t.tolist()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -93,17 +92,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------------- data order
-def rank_batches(order: list[int], micro_batch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches of one epoch. The global order is the same on every rank (the dataset shuffles
-    itself per epoch from data.seed); micro-step j takes the j-th block of `micro_batch * world` samples of it and
-    rank r its r-th slice. The tail that cannot fill a block on every rank is dropped, so all
-    ranks run the same number of steps."""
-    block = micro_batch * world
-    n_blocks = len(order) // block
-    return [order[j * block + rank * micro_batch: j * block + (rank + 1) * micro_batch] for j in range(n_blocks)]
-
-
+# ---------------------------------------------------------------------------------------------- evaluation order
 def eval_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
     """Evaluation batches: every sample exactly once, in order, and the same number of batches on every rank (ZeRO-3
     needs equal forward counts). A rank past the end gets empty batches, which the recipe runs with no supervised
@@ -114,37 +103,186 @@ def eval_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int)
             for j in range(n_blocks)]
 
 
-# ---------------------------------------------------------------------------------------------- weights and state
-def trainable_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full-size CPU copies of the trainable parameters (LoRA, DoRA magnitudes, fully trained modules), with peft's
-    names. Under ZeRO-3 only these are gathered, never the frozen base (a 72B model would not fit on one host)."""
-    unwrapped = accelerator.unwrap_model(model)
-    named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
-    if zero_stage(accelerator) == 3:
+# ---------------------------------------------------------------------------------------------- one optimizer step
+def backward(accelerator: Accelerator, model: Any, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch of an accumulation window; gradients are synchronised on the `last` one.
+
+    Under DeepSpeed the engine is driven directly: accelerate's wrapper would also run the optimizer step inside the
+    last backward, before the loop knows whether a rank saw a NaN loss. Both paths divide the loss by the
+    accumulation steps (accelerate and DeepSpeed do), which the recipe's loss scale accounts for."""
+    if is_deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss)
+    elif last:
+        accelerator.backward(loss)
+    else:
+        with accelerator.no_sync(model):
+            accelerator.backward(loss)
+
+
+def optimizer_step(accelerator: Accelerator, model: Any, optimizer: Any, max_grad_norm: float, drop: bool
+                   ) -> torch.Tensor | float | None:
+    """Apply the accumulated gradients (clipped to `max_grad_norm`; 0 disables), or with `drop` discard them and
+    leave every trainable parameter and optimizer state exactly as they were. Returns the gradient norm (a device
+    tensor or a float; not read here, so no host sync) or None.
+
+    DeepSpeed has already reduced the gradients into its own partitioned buffers, which only its step clears; a
+    dropped step therefore runs that step and then puts back this rank's share of the trainable state (LoRA-sized,
+    so the copy is cheap and needs no communication)."""
+    if is_deepspeed(accelerator):
+        saved = _snapshot(model) if drop else None
+        model.step()
+        if saved is not None:
+            _restore(saved)
+            return None
+        return model.get_global_grad_norm()
+    if drop:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _local_trainable_tensors(engine: Any) -> tuple[Any, list[torch.Tensor]]:
+    """(inner torch optimizer, the tensors of this rank that a DeepSpeed step changes): the module's trainable
+    parameters (their local partition under ZeRO-3) and the inner optimizer's parameters (flat fp32 partitions)."""
+    inner = engine.optimizer.optimizer
+    tensors = [getattr(p, "ds_tensor", p).data for p in engine.module.parameters() if p.requires_grad]
+    tensors += [p.data for group in inner.param_groups for p in group["params"]]
+    return inner, tensors
+
+
+def _snapshot(engine: Any) -> dict[str, Any]:
+    inner, tensors = _local_trainable_tensors(engine)
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in inner.state.items()}
+    return {"inner": inner, "tensors": [(t, t.clone()) for t in tensors], "state": state}
+
+
+def _restore(saved: dict[str, Any]) -> None:
+    for t, copy in saved["tensors"]:
+        t.copy_(copy)
+    inner = saved["inner"]
+    for p in list(inner.state):
+        before = saved["state"].get(id(p))
+        if before is None:  # the state was created by the dropped step (no step had run before)
+            del inner.state[p]
+            continue
+        for k, v in before.items():
+            if torch.is_tensor(v):
+                inner.state[p][k].copy_(v)
+            else:
+                inner.state[p][k] = v
+
+
+# ---------------------------------------------------------------------------------------------- trainable state
+def trainable_parameters(accelerator: Accelerator, model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of everything that trains, with the unwrapped peft model's names (the same names on every
+    topology, which is what makes checkpoints portable between DDP and ZeRO, and between process counts)."""
+    return [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+
+
+def gather_trainable(accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor]:
+    """Full-size float32 CPU copies of the trainable parameters, by name; call on every rank (collective under
+    DeepSpeed). Under DeepSpeed these are the optimizer's float32 master weights, which a bf16 module only rounds;
+    under ZeRO-3 only these small tensors are gathered, never the frozen base."""
+    named = trainable_parameters(accelerator, model)
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named}
+    return {n: p.detach().float().cpu() for n, p in named}
+
+
+def gather_optimizer_state(accelerator: Accelerator, model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
+    """{f"{name}/{key}": full float32 tensor} of the optimizer state of every trainable parameter (AdamW: exp_avg,
+    exp_avg_sq and the step count); empty before the first step. Call on every rank (collective under DeepSpeed)."""
+    named = trainable_parameters(accelerator, model)
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = model.optimizer.optimizer
+        if not inner.state:
+            return {}
+        _link_state_fragments(model)
+        first = next(iter(inner.state.values()))
+        keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
+        out = {f"{n}/{k}": safe_get_full_optimizer_state(p, k).detach().float().cpu() for n, p in named for k in keys}
+        step = max(float(st["step"]) for st in inner.state.values())
+        out.update({f"{n}/step": torch.tensor(step) for n, _ in named})
+        return out
+    inner = getattr(optimizer, "optimizer", optimizer)
+    out = {}
+    for n, p in named:
+        for k, v in inner.state.get(p, {}).items():
+            out[f"{n}/{k}"] = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
+    return out
+
+
+def _link_state_fragments(engine: Any) -> None:
+    """Point each parameter's view of the optimizer state at the current state tensors (ZeRO-1/2). DeepSpeed 0.19
+    links them once, right after the step of the first parameter group, so parameters of later groups (vlft has
+    one group per part and decay) find no state; and a resume replaces the state tensors."""
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def load_trainable(accelerator: Accelerator, model: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Set the trainable parameters (and, under DeepSpeed, the float32 masters) from full tensors by name; call on
+    every rank after `prepare`. Fails naming the parameters that the checkpoint lacks or has in excess."""
+    named = trainable_parameters(accelerator, model)
+    missing = [n for n, _ in named if n not in weights]
+    extra = sorted(set(weights) - {n for n, _ in named})
+    if missing or extra:
+        raise KeyError(f"the checkpoint's trainable weights do not match the model: missing {missing[:5]}, "
+                       f"unexpected {extra[:5]} (were the lora/freeze settings changed?)")
+    if is_deepspeed(accelerator):
         import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().to("cpu", copy=True) for n, p in named}
-    return {n: p.detach().to("cpu", copy=True) for n, p in named}
-
-
-def save_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, folder: Path) -> None:
-    """Optimizer state into `folder` (called on every rank). DeepSpeed partitions it per rank, so its engine writes
-    its own shards (trainable weights only); otherwise the main process writes one tensor file."""
-    if is_deepspeed(accelerator):
-        model.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-    elif accelerator.is_main_process:
-        torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                   folder / "optimizer.pt")
-
-
-def load_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, folder: Path) -> None:
-    """Restore what `save_optimizer` wrote. The torch file is read with `weights_only=True` (tensors and plain
-    containers only, no pickled code)."""
-    if is_deepspeed(accelerator):
-        model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        partitioned = [p for _, p in named if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
+            with torch.no_grad():
+                for n, p in named:
+                    p.data.copy_(weights[n].to(p.dtype).view_as(p.data))
+        for n, p in named:
+            safe_set_full_fp32_param(p, weights[n].to(accelerator.device).view(getattr(p, "ds_shape", p.shape)))
         return
-    state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    inner.load_state_dict(state)
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(weights[n].to(p.dtype))
+
+
+def load_optimizer_state(accelerator: Accelerator, model: Any, optimizer: Any, state: dict[str, torch.Tensor]
+                         ) -> None:
+    """Restore what `gather_optimizer_state` returned, on any topology; call on every rank after `prepare`."""
+    named = trainable_parameters(accelerator, model)
+    if not state:
+        return
+    keys = sorted({k.rsplit("/", 1)[1] for k in state} - {"step"})
+    missing = [f"{n}/{k}" for n, _ in named for k in keys + ["step"] if f"{n}/{k}" not in state]
+    if missing:
+        raise KeyError(f"the checkpoint's optimizer state lacks {missing[:5]}")
+    step = max(float(state[f"{n}/step"]) for n, _ in named)
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        inner = model.optimizer.optimizer
+        for group in inner.param_groups:  # the state of the flat partitions is created lazily by a first step
+            for flat in group["params"]:
+                inner.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                     **{k: torch.zeros_like(flat) for k in keys}}
+        _link_state_fragments(model)
+        for n, p in named:
+            for k in keys:
+                safe_set_full_optimizer_state(p, state[f"{n}/{k}"].to(accelerator.device).view(
+                    getattr(p, "ds_shape", p.shape)), k)
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for n, p in named:
+        inner.state[p] = {"step": torch.tensor(float(state[f"{n}/step"]), dtype=torch.float32),
+                          **{k: state[f"{n}/{k}"].to(device=p.device, dtype=p.dtype).view_as(p) for k in keys}}

@@ -11,7 +11,9 @@ much again for their gradient), and the head costs the same two matmuls as an un
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+IGNORE_INDEX = -100
 # elements of one chunk's float32 logits: 2^26 = 256 MiB (about 440 tokens at Qwen's vocabulary); larger chunks keep
 # the matmuls efficient, and the memory stays flat in the sequence length
 CHUNK_ELEMENTS = 1 << 26
@@ -63,3 +65,16 @@ def chunked_cross_entropy(hidden_TD: torch.Tensor, weight_VD: torch.Tensor, targ
     need_h = grad_on and hidden_TD.requires_grad
     need_w = grad_on and weight_VD.requires_grad
     return _FusedChunkedCE.apply(hidden_TD, weight_VD, targets_T, chunk, need_h, need_w)
+
+
+def shifted_targets(labels_BL: torch.Tensor, cu_seqlens: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """[B*L] targets of a causal LM: position p predicts the label of p + 1 in the same row and, in packed rows,
+    the same segment (the last token of a segment predicts nothing). IGNORE_INDEX where nothing is predicted.
+
+    The one definition of which tokens are supervised: the model's loss and the collator's count (by which the
+    recipe normalises the loss over a whole step) both use it."""
+    shifted = F.pad(labels_BL[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    if cu_seqlens is not None:
+        ends = torch.as_tensor(cu_seqlens, device=shifted.device)[1:].long() - 1
+        shifted = shifted.index_fill(0, ends, IGNORE_INDEX)
+    return shifted

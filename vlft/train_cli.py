@@ -24,6 +24,7 @@ def load_recipe():
         raise FileNotFoundError(f"{RECIPE} not found: `vlft train` needs a source checkout (pip install -e .)")
     spec = importlib.util.spec_from_file_location("vlft_recipe_sft", RECIPE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -8,7 +8,9 @@ second_per_grid_ts follow the same order.
 Output keys: input_ids [B, L], labels [B, L] (-100 ignored), position_ids [3, B, L] int64, attention_mask [B, L]
 (padded batches only), cu_seqlens [S+1] int32 (packed batches only), pixel_values [N, 1176] and image_grid_thw
 [n_img, 3] (if any image), pixel_values_videos [M, 1176], video_grid_thw [n_vid, 3], second_per_grid_ts [n_vid]
-float32 (if any video); plus "skipped" (list of Skipped) and "num_samples", which `iterate_batches` removes.
+float32 (if any video); plus the host-side bookkeeping the training loop pops: "num_label_tokens" (tokens the loss
+is taken over, by the model's own rule `vlft.loss.shifted_targets`), "num_tokens" (real tokens, no padding),
+"skipped" (list of Skipped) and "num_samples".
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from vlft.data.dataset import Skipped
 from vlft.data.packing import cu_seqlens_for_rows, pack_first_fit
 from vlft.data.template import IGNORE_INDEX
+from vlft.loss import shifted_targets
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -42,6 +45,10 @@ class Collator:
     def __call__(self, items: list) -> dict:
         samples = [x for x in items if not isinstance(x, Skipped)]
         batch = (self._packed(samples) if self.packing else self._padded(samples)) if samples else {}
+        if samples:  # host-side counts: the training loop reads them without a device sync
+            batch["num_label_tokens"] = int((shifted_targets(batch["labels"], batch.get("cu_seqlens"))
+                                             != IGNORE_INDEX).sum())
+            batch["num_tokens"] = sum(len(s["input_ids"]) for s in samples)
         batch["skipped"] = [x for x in items if isinstance(x, Skipped)]
         batch["num_samples"] = len(samples)
         return batch

@@ -49,7 +49,14 @@ class DataConfig:
     video_max_pixels: int = 768 * TOKEN_PIXELS
     video_total_pixels: int = 16384 * TOKEN_PIXELS * 2  # per video, over all frames (2 frames share a token)
     max_length: int = 4096
+    # Packing: each micro-batch is micro_batch_size rows of up to max_length tokens, filled from the shuffled
+    # dataset (first-fit decreasing within windows of packing_window samples) using the length index.
     packing: bool = False
+    packing_window: int = 1000
+    # Without packing: batch samples of similar length (sorted within windows of 64 micro-batches), less padding.
+    group_by_length: bool = False
+    # Where the length index is cached (default: $VLFT_CACHE_DIR or ~/.cache/vlft).
+    cache_dir: Optional[str] = None
     overlength: Literal["drop", "truncate_text"] = "drop"
     last_turn_only: bool = False  # supervise only the last assistant reply
     system_prompt: Optional[str] = None  # default: the template's "You are a helpful assistant."

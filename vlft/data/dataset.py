@@ -56,48 +56,56 @@ class SampleProcessor:
         self.cfg, self.tokenizer, self.tokens_per_second = cfg, tokenizer, tokens_per_second
         self.ids = SpecialIds.from_tokenizer(tokenizer)
 
-    def _image(self, media, dc: DatasetConfig):
+    def image_options(self, media, dc: DatasetConfig) -> dict:
+        """Pixel limits of one image: the item's own, else its dataset's, else the data section's."""
         o = media.options
-        return process_image(media.source,
-                             min_pixels=int(o.get("min_pixels") or dc.min_pixels or self.cfg.min_pixels),
-                             max_pixels=int(o.get("max_pixels") or dc.max_pixels or self.cfg.max_pixels))
+        return {"min_pixels": int(o.get("min_pixels") or dc.min_pixels or self.cfg.min_pixels),
+                "max_pixels": int(o.get("max_pixels") or dc.max_pixels or self.cfg.max_pixels)}
 
-    def _video(self, media, dc: DatasetConfig):
+    def video_options(self, media, dc: DatasetConfig) -> dict:
+        """Frame sampling and pixel limits of one video, resolved like `image_options`."""
         o, c = media.options, self.cfg
-        return process_video(
-            media.source,
-            fps=None if "nframes" in o else float(o.get("fps") or dc.video_fps or c.video_fps),
-            nframes=o.get("nframes"),
-            min_frames=int(o.get("min_frames") or c.video_min_frames),
-            max_frames=int(o.get("max_frames") or dc.video_max_frames or c.video_max_frames),
-            min_pixels=int(o.get("min_pixels") or dc.video_min_pixels or c.video_min_pixels),
-            max_pixels=int(o.get("max_pixels") or dc.video_max_pixels or c.video_max_pixels),
-            total_pixels=int(o.get("total_pixels") or dc.video_total_pixels or c.video_total_pixels),
-            start=o.get("video_start"), end=o.get("video_end"), frames_fps=o.get("frames_fps"),
-            tokens_per_second=self.tokens_per_second)
+        return {
+            "fps": None if "nframes" in o else float(o.get("fps") or dc.video_fps or c.video_fps),
+            "nframes": o.get("nframes"),
+            "min_frames": int(o.get("min_frames") or c.video_min_frames),
+            "max_frames": int(o.get("max_frames") or dc.video_max_frames or c.video_max_frames),
+            "min_pixels": int(o.get("min_pixels") or dc.video_min_pixels or c.video_min_pixels),
+            "max_pixels": int(o.get("max_pixels") or dc.video_max_pixels or c.video_max_pixels),
+            "total_pixels": int(o.get("total_pixels") or dc.video_total_pixels or c.video_total_pixels),
+            "start": o.get("video_start"), "end": o.get("video_end"), "frames_fps": o.get("frames_fps"),
+        }
+
+    def messages(self, record: Any, dc: DatasetConfig, root: str | None = None) -> list:
+        """The record as messages with media paths resolved under the dataset's media root (raises BadInput)."""
+        if isinstance(record, BadInput):
+            raise record
+        resolver = MediaResolver(dc.media_root or root or default_media_root(dc.path))
+        return to_messages(record, dc.format, resolver)
+
+    def encode(self, messages: list, media_tokens: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation whose k-th media item has media_tokens[k] merged tokens."""
+        return encode_conversation(messages, self.tokenizer, media_tokens, self.cfg.last_turn_only,
+                                   self.cfg.system_prompt, ids=self.ids)
 
     def __call__(self, record: Any, dc: DatasetConfig, index: int, root: str | None = None) -> dict:
         name = dataset_name(dc)
         try:
-            if isinstance(record, BadInput):
-                raise record
-            resolver = MediaResolver(dc.media_root or root or default_media_root(dc.path))
-            messages = to_messages(record, dc.format, resolver)
-            media = media_of(messages)
+            messages = self.messages(record, dc, root)
             images, videos, tokens = [], [], []
-            for m in media:  # each item decoded exactly once
+            for m in media_of(messages):  # each item decoded exactly once
                 if m.kind == "image":
-                    px, grid = self._image(m, dc)
+                    px, grid = process_image(m.source, **self.image_options(m, dc))
                     images.append((px, grid))
                 else:
-                    px, grid, secs = self._video(m, dc)
+                    px, grid, secs = process_video(m.source, **self.video_options(m, dc),
+                                                   tokens_per_second=self.tokens_per_second)
                     videos.append((px, grid, secs))
                 tokens.append(int(grid.prod()) // 4)
-            input_ids, labels = encode_conversation(messages, self.tokenizer, tokens, self.cfg.last_turn_only,
-                                                    self.cfg.system_prompt, ids=self.ids)
+            input_ids, labels = self.encode(messages, tokens)
         except BadInput as e:
             raise SampleError(name, index, str(e)) from None
-        input_ids, labels = self._fit(input_ids, labels, name, index)
+        input_ids, labels = self.fit(input_ids, labels, name, index)
         out = {"input_ids": torch.tensor(input_ids, dtype=torch.long),
                "labels": torch.tensor(labels, dtype=torch.long)}
         if images:
@@ -109,7 +117,7 @@ class SampleProcessor:
             out["second_per_grid_ts"] = _cat([s for _, _, s in videos])
         return out
 
-    def _fit(self, input_ids: list[int], labels: list[int], name: str, index: int):
+    def fit(self, input_ids: list[int], labels: list[int], name: str, index: int):
         """Apply the over-length policy: never cut inside a vision block."""
         L, max_len = len(input_ids), self.cfg.max_length
         if L <= max_len:

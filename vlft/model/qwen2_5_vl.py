@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlft.loss import chunked_cross_entropy
+from vlft.loss import chunked_cross_entropy, shifted_targets
 from vlft.model.attention import check_implementation
 from vlft.model.config import ModelConfig
 from vlft.model.rope_index import get_rope_index
@@ -196,11 +196,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
 
     def _loss(self, out: ModelOutput, hidden_BLD, labels_BL, cu, num_items_in_batch) -> None:
         B, L = labels_BL.shape
-        # target of position p is the label of p + 1 in the same row and the same packed segment
-        shifted = F.pad(labels_BL[:, 1:], (0, 1), value=-100).reshape(-1)
-        if cu is not None:
-            ends = torch.tensor(cu[1:], device=shifted.device) - 1
-            shifted = shifted.index_fill(0, ends, -100)
+        shifted = shifted_targets(labels_BL, cu)
         keep = shifted != -100
         n = keep.sum()
         if out.logits is not None:
