@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from vlft.adapters import apply_lora, format_report, trainable_report
 from vlft.checkpoint import load_checkpoint, remove_partial, resolve_resume, save_checkpoint, write_inference_files
-from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
+from vlft.config import ExperimentConfig, check_inputs, dump_yaml, load_experiment, to_dict
 from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, eval_rank_batches, precision,
                               rank_batches, to_device)
 from vlft.optim import build_optimizer, build_scheduler
@@ -38,9 +38,11 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from vlft.data import Collator, SkipCounter, build_datasets
+    from vlft.data.dataset import skip_summary
     from vlft.model import build_model, load_pretrained, preset
 
     # ---- 1. config and output folder -------------------------------------------------------------------------------
+    check_inputs(cfg)  # model, tokenizer, datasets exist: a mistake fails here, before anything is built or written
     out_dir = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -259,6 +261,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         tracker.console(f"eval loss {eval_loss:.4f}")
     path = save() if state["step"] != last_saved else out_dir / f"checkpoint-{state['step']:07d}"
     tracker.console(f"{status} at step {state['step']}: checkpoint {path}")
+    seen, bad, over = (int(global_sum(accelerator, float(n))) for n in (skips.seen, skips.bad, skips.overlength))
+    tracker.console(skip_summary(seen, bad, over, skips.examples))  # counts of all ranks, examples of this one
     tracker.close()
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
