@@ -587,8 +587,9 @@ def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: s
         for folder in (tmp, scratch):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+    shown_base = "the rebuilt preset base" if base_dir == scratch else base_dir  # the scratch copy is gone by now
     print(f"merged {counts['lora']} LoRA and {counts['dora']} DoRA modules and {counts['full']} fully trained "
-          f"tensors of {adapter.folder} into {base_dir} -> {out}")
+          f"tensors of {adapter.folder} into {shown_base} -> {out}")
     for line in report_extras(got, adapter.folder):
         print(line, file=sys.stderr)
     return Path(out)

@@ -104,11 +104,6 @@ def validate_data(cfg: DataConfig, where: str = "data") -> DataConfig:
     """Every data setting in range, each error naming its dotted key. Returns cfg."""
     if not cfg.datasets:
         raise ConfigError(f"{where}.datasets: at least one dataset is required")
-    for name in ("datasets", "eval_datasets"):
-        for i, d in enumerate(getattr(cfg, name)):
-            _check_dataset(d, f"{where}.{name}[{i}]", cfg)
-    if sum(d.weight for d in cfg.datasets) == 0:
-        raise ConfigError(f"{where}.datasets: every weight is 0, so an epoch holds no sample")
     if cfg.tokenizer == "":
         raise ConfigError(f"{where}.tokenizer: empty; give a tokenizer folder or leave it unset (the model's folder)")
     check_range(f"{where}.eval_split", cfg.eval_split, 0, 1, hi_open=True)
@@ -122,4 +117,9 @@ def validate_data(cfg: DataConfig, where: str = "data") -> DataConfig:
     check_range(f"{where}.max_skip_fraction", cfg.max_skip_fraction, 0, 1)
     for name in ("skip_check_min_samples", "num_workers", "seed"):
         check_range(f"{where}.{name}", getattr(cfg, name), 0)
+    for name in ("datasets", "eval_datasets"):  # after the section's own values, which per-dataset limits default to
+        for i, d in enumerate(getattr(cfg, name)):
+            _check_dataset(d, f"{where}.{name}[{i}]", cfg)
+    if sum(d.weight for d in cfg.datasets) == 0:
+        raise ConfigError(f"{where}.datasets: every weight is 0, so an epoch holds no sample")
     return cfg
