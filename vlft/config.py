@@ -173,9 +173,15 @@ PATH_KEYS = {("model", "path"), ("data", "tokenizer"), ("train", "output_dir"), 
     ("data", section, "*", key) for section in ("datasets", "eval_datasets") for key in ("path", "media_root")}
 
 
+def _not_a_path(at: tuple[str, ...], value: str) -> bool:
+    """The values of a path key that name something else: a random model preset, resuming from the newest checkpoint."""
+    return (at == ("model", "path") and value.startswith("preset:")) or (at == ("checkpoint", "resume")
+                                                                          and value == "auto")
+
+
 def absolute_path(value: str, base: Path) -> str:
-    """`value` made absolute against `base` (~ expanded); "preset:NAME" models and `resume: auto` stay as they are."""
-    if not value or value.startswith("preset:") or value == "auto":
+    """`value` made absolute against `base`, ~ expanded (an empty value stays empty: the checks name it)."""
+    if not value:
         return value
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
@@ -186,7 +192,7 @@ def resolve_paths(tree: Any, base: Path, at: tuple[str, ...] = ()) -> Any:
         return {k: resolve_paths(v, base, (*at, str(k))) for k, v in tree.items()}
     if isinstance(tree, list):
         return [resolve_paths(v, base, (*at, "*")) for v in tree]
-    if at in PATH_KEYS and isinstance(tree, str):
+    if at in PATH_KEYS and isinstance(tree, str) and not _not_a_path(at, tree):
         return absolute_path(tree, base)
     return tree
 
@@ -432,6 +438,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     else:
         check_tokenizer_path("model.path (the tokenizer folder while data.tokenizer is unset)", cfg.model.path)
     check_data_inputs(cfg.data)
+    for i, d in enumerate(cfg.data.datasets):
+        if d.streaming:  # exact resume and equal step counts on every rank need an indexable dataset
+            raise ConfigError(f"data.datasets[{i}].streaming: training reads indexable datasets only; set it to false")
     resume = cfg.checkpoint.resume
     if resume not in (None, "auto") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume: checkpoint folder not found: {resume} {NOT_FOUND_HINT}")

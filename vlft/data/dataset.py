@@ -3,8 +3,8 @@
 `SampleProcessor` turns one record into tensors (each media item decoded once), applying the over-length policy.
 `MixedDataset` (map-style) and `StreamingMixedDataset` (iterable) mix several datasets by weight. A sample that
 cannot be used comes out as a `Skipped` record (logged with dataset, index, file and line, and reason) instead of
-being replaced by another; the collator passes those on and `SkipCounter` counts them in the main process and stops training once
-the skipped fraction passes `max_skip_fraction`.
+being replaced by another; the collator passes those on and `SkipCounter` counts them in the main process and stops
+training once the skipped fraction passes `max_skip_fraction`.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class SampleProcessor:
             keep_from = ends[-1] + 1 if ends else 0
             if keep_from > max_len:
                 raise SampleError(name, index, f"{L} tokens > max_length {max_len} and its last vision block ends "
-                                               f"at token {keep_from}; text-only truncation cannot fit it", "overlength", where)
+                                               f"at token {keep_from}; text-only truncation cannot fit it",
+                                  "overlength", where)
             input_ids, labels = input_ids[:max_len], labels[:max_len]
             if all(x == IGNORE_INDEX for x in labels):
                 raise SampleError(name, index, f"{L} tokens > max_length {max_len}; truncation leaves no "
