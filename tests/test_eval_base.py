@@ -123,4 +123,4 @@ def test_help_documents_max_new_tokens(capsys):
         vlft(["eval", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "longest reference answer (in tokens) that is generated and scored" in out and "default 32" in out
-    assert "--model BASE" in out or "--model MODEL" in out
+    assert "--model BASE" in out and "predictions.jsonl, one line per eval sample in input order" in out

@@ -205,14 +205,14 @@ def evaluate(cfg, checkpoint: str | None, out_dir: Path, max_new_tokens: int = 3
 def main(argv: list[str] | None = None) -> int:
     from vlft.config import check_data_inputs, check_model_path, load_experiment
 
-    ap = argparse.ArgumentParser(prog="vlft eval", description=__doc__.split("\n\n")[0],
-                                 epilog="Defaults and output: see the module docstring of vlft/evaluate.py.")
+    ap = argparse.ArgumentParser(prog="vlft eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="the experiment YAML (its data section names the eval set)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    ap.add_argument("--checkpoint", help="training checkpoint (or run folder: its newest checkpoint)")
-    ap.add_argument("--model", help="base HF folder (or preset:NAME): alone, the base model is scored as it is; with "
+    ap.add_argument("--checkpoint", metavar="CKPT", help="training checkpoint (or run folder: its newest checkpoint)")
+    ap.add_argument("--model", metavar="BASE", help="base HF folder (or preset:NAME): alone, the base model is scored as it is; with "
                                     "--checkpoint, the base the adapter is applied to (default: model.path)")
-    ap.add_argument("--out", help="output folder (default: RUN/eval-checkpoint-N beside the checkpoint, or "
+    ap.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-checkpoint-N beside the checkpoint, or "
                                   "TRAIN_OUTPUT_DIR/eval-<model folder> for --model alone)")
     ap.add_argument("--overwrite", action="store_true", help="replace predictions.jsonl and summary.json in --out")
     ap.add_argument("--max-new-tokens", type=int, default=32,
