@@ -33,7 +33,8 @@ from vlft.adapters import apply_lora, format_report, trainable_report
 from vlft.checkpoint import (check_run_folder, checkpoint_name, claim_run_folder, load_checkpoint, read_trainer_state,
                              remove_partial, resolve_resume, run_id_of, save_checkpoint, trim_metrics,
                              write_inference_files)
-from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
+from vlft.config import ExperimentConfig, check_inputs, dump_yaml, load_experiment, to_dict
+from vlft.data.dataset import skip_summary
 from vlft.data.sampler import PlanSettings, fill, micro_steps, plan_epoch, rank_share
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
                               reduce_sum, to_device)
@@ -86,6 +87,7 @@ def build(cfg: ExperimentConfig) -> Setup:
     from vlft.data import Collator, SkipCounter, build_datasets
     from vlft.model import build_model, load_pretrained, preset
 
+    check_inputs(cfg)  # model, tokenizer, datasets exist: a mistake fails here, before anything is built or written
     accelerator = make_accelerator(cfg)
     out_dir = Path(cfg.train.output_dir)
     verdict = check_run_folder(out_dir, cfg.checkpoint.resume, cfg.train.overwrite_output_dir)  # before any write
@@ -451,6 +453,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
             s.tracker.console(f"eval loss {eval_loss:.4f}")
         path = save(s, state) if state["step"] != state["last_saved"] else s.out_dir / checkpoint_name(state["step"])
         s.tracker.console(f"{status} at step {state['step']}: checkpoint {path}")
+        seen, bad, over = (int(n) for n in reduce_sum(s.accelerator, [s.skips.seen, s.skips.bad, s.skips.overlength]))
+        s.tracker.console(skip_summary(seen, bad, over, s.skips.examples))  # counts of all ranks, examples of this one
         s.accelerator.wait_for_everyone()
         for record in history:
             _read_grad_norm(record)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,15 @@ def hf_processor(tokenizer, min_pixels: int, max_pixels: int):
 
     ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return _ImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE)
+
+
+def png_header(path, width: int, height: int) -> str:
+    """A PNG whose header claims width x height RGB pixels but which holds almost no data: what a decompression bomb
+    looks like to a reader of the header (the real ones compress zeros; the header is all that must be read)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return str(path)

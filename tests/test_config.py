@@ -64,7 +64,7 @@ def test_dump_round_trips(tmp_path):
 def test_yaml_is_read_safely(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match="not a valid YAML file: could not determine a constructor"):
         load_experiment(path)
 
 

@@ -3,6 +3,7 @@
 import yaml
 from data_fixtures import save_image, tiny_tokenizer, write_jsonl
 
+from vlft.cli import main as vlft
 from vlft.data.check import main
 
 
@@ -30,7 +31,7 @@ def test_data_only_yaml_good(tmp_path, capsys):
     rows = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.startswith("  ") and len(l.split()) == 5}
     assert rows["visual"] == ["6", "6", "6", "6"]
     assert rows["text"] == ["63", "65", "67", "67"] and rows["total"] == ["69", "71", "73", "73"]
-    assert "over max_length 71: 2" in out and "train.jsonl sample 4: 73 tokens" in out
+    assert "over max_length 71: 2" in out and f"train.jsonl sample 4 ({tmp_path}/train.jsonl line 5): 73 tokens" in out
     assert "seconds per sample" in out
 
 
@@ -42,11 +43,12 @@ def test_experiment_yaml_with_bad_sample_exits_nonzero(tmp_path, capsys):
     assert main(["check", str(tmp_path / "exp.yaml"), "data.max_length=1000"]) == 1
     out = capsys.readouterr().out
     assert "samples: 6 (5 ok, 1 bad)" in out
-    assert "tr sample 5: image file not found" in out
+    assert f"tr sample 5 ({tmp_path}/train.jsonl line 6): image file not found" in out
     assert "over max_length 1000: 0" in out
 
 
 def test_unknown_key_is_reported(tmp_path, capsys):
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({"datasets": [], "max_pixel": 3}))
-    assert main(["check", str(tmp_path / "d.yaml")]) == 2
-    assert "data.max_pixel" in capsys.readouterr().err
+    assert vlft(["data", "check", str(tmp_path / "d.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlft data check: error: unknown config key data.max_pixel") and "Traceback" not in err

@@ -55,7 +55,7 @@ BAD = {
     "unknown role (messages)": ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
                                 "unknown role 'tool'"),
     "no assistant reply": ({"messages": [{"role": "user", "content": "x"}]}, "no assistant reply"),
-    "invalid JSON line": ('{"messages": [oops', "invalid JSON (line 2)"),
+    "invalid JSON line": ('{"messages": [oops', "invalid JSON: Expecting value"),
     "escapes media_root": ({"image": "../outside.png", "conversations": [{"from": "human", "value": "<image>x"},
                                                                         {"from": "gpt", "value": "y"}]},
                            "outside media_root"),
@@ -75,7 +75,8 @@ def test_bad_sample_names_dataset_index_reason(tok, root, kind, caplog):
         bad = ds[rows[1]]
     assert isinstance(bad, Skipped) and bad.dataset == "mine" and bad.index == 1 and bad.kind == "bad"
     assert reason in bad.reason
-    assert "mine sample 1" in caplog.text
+    assert bad.where == f"{path} line 2"  # every kind of bad sample is named with its file and line
+    assert f"mine sample 1 ({path} line 2)" in caplog.text
     assert not isinstance(ds[rows[0]], Skipped) and not isinstance(ds[rows[2]], Skipped)
 
 

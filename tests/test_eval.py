@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from export_fixtures import make_checkpoint
+from vlft.cli import main as vlft
 from vlft.config import load_experiment
 from vlft.data import Collator, build_datasets
 import vlft.evaluate as evaluate
@@ -82,7 +83,7 @@ def test_eval_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(evaluate, "generate", canned_generate)
     assert main([str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--out", str(out), "--max-new-tokens",
-                 "12"]) == 0
+                 "12", "--overwrite"]) == 0
     preds = {p["prompt"]: p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert preds["<image>what colour?"]["exact"] and preds["<image>what colour?"]["contains"]
     assert not preds["<image>how many?"]["exact"] and preds["<image>how many?"]["contains"]
@@ -90,5 +91,5 @@ def test_eval_end_to_end(tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["exact_match"], summary["contains"], summary["generated"]) == (0.5, 1.0, 2)
     capsys.readouterr()
-    assert main([str(tmp_path / "cfg.yaml"), "data.eval_datasets=[]", "--checkpoint", str(ckpt)]) == 1
+    assert vlft(["eval", str(tmp_path / "cfg.yaml"), "data.eval_datasets=[]", "--checkpoint", str(ckpt)]) == 2
     assert "no eval set" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 
 from export_fixtures import make_checkpoint
+from vlft.cli import main as vlft
 from vlft.export import export_adapter, export_merged, load_adapter, main, merge_into
 from vlft.model import load_pretrained
 
@@ -130,7 +131,7 @@ def test_dora_language_adapter_refused_for_vllm(trained, tmp_path):
     base, ckpt, _, _ = trained
     if load_adapter(ckpt).lora["model.layers.0.self_attn.q_proj"].magnitude is None:
         pytest.skip("only the DoRA variant is refused")
-    assert main(["adapter", "--adapter", str(ckpt), "--base", str(base), "--out", str(tmp_path / "o"),
-                 "--for-vllm"]) == 1
+    assert vlft(["export", "adapter", "--adapter", str(ckpt), "--base", str(base), "--out", str(tmp_path / "o"),
+                 "--for-vllm"]) == 2
     assert not (tmp_path / "o").exists()
 

@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import vlft.export as export
+from vlft.cli import main as vlft
 from export_fixtures import make_checkpoint
 from model_fixtures import make_pair
 from vlft.model import save_pretrained
@@ -21,7 +22,7 @@ def leftovers(folder):
 
 
 def export_cli(capsys, *args):
-    rc = export.main(list(args))
+    rc = vlft(["export", *args])  # through the CLI: its one error policy (exit 2, one line, no traceback)
     return rc, capsys.readouterr().err
 
 
@@ -31,7 +32,7 @@ def test_adapter_of_another_base_shape(run, tmp_path, capsys):
     save_pretrained(other, tmp_path / "other")
     rc, err = export_cli(capsys, "merged", "--adapter", str(ckpt), "--base", str(tmp_path / "other"),
                          "--out", str(tmp_path / "out"))
-    assert rc == 1
+    assert rc == 2
     assert "does not fit the base" in err and "another base model size" in err and "k_proj" in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
@@ -40,15 +41,15 @@ def test_missing_files(run, tmp_path, capsys):
     base, ckpt, _, _ = run
     rc, err = export_cli(capsys, "merged", "--adapter", str(tmp_path / "nope"), "--base", str(base),
                          "--out", str(tmp_path / "out"))
-    assert rc == 1 and "not found" in err
+    assert rc == 2 and "not found" in err
     broken = tmp_path / "ckpt"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((ckpt / "adapter_config.json").read_text())
     rc, err = export_cli(capsys, "merged", "--adapter", str(broken), "--base", str(base), "--out", str(tmp_path / "o"))
-    assert rc == 1 and "adapter_model.safetensors is missing" in err
+    assert rc == 2 and "adapter_model.safetensors is missing" in err
     rc, err = export_cli(capsys, "merged", "--adapter", str(ckpt), "--base", str(tmp_path / "nobase"),
                          "--out", str(tmp_path / "o"))
-    assert rc == 1 and "no config.json" in err
+    assert rc == 2 and "no config.json" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists() and not leftovers(tmp_path)
 
 
@@ -60,7 +61,7 @@ def test_incomplete_and_empty_checkpoints(run, tmp_path, capsys):
         (partial / name).write_bytes((ckpt / name).read_bytes())
     (partial / "trainer_state.json").write_text("{}")
     rc, err = export_cli(capsys, "merged", "--adapter", str(partial), "--base", str(base), "--out", str(tmp_path / "o"))
-    assert rc == 1 and "incomplete checkpoint" in err
+    assert rc == 2 and "incomplete checkpoint" in err
     # a ZeRO-3 save that did not gather: parameters of shape [0]
     (partial / "COMPLETE").write_text("")
     state = load_file(str(partial / "adapter_model.safetensors"))
@@ -68,7 +69,7 @@ def test_incomplete_and_empty_checkpoints(run, tmp_path, capsys):
     state[key] = state[key].new_empty(0)
     save_file(state, str(partial / "adapter_model.safetensors"))
     rc, err = export_cli(capsys, "merged", "--adapter", str(partial), "--base", str(base), "--out", str(tmp_path / "o"))
-    assert rc == 1 and "empty" in err and "ZeRO-3" in err
+    assert rc == 2 and "empty" in err and "ZeRO-3" in err
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path)
 
 
@@ -83,14 +84,14 @@ def test_non_empty_output_refused_unless_overwrite(run, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     rc, err = export_cli(capsys, "merged", "--adapter", str(ckpt), "--base", str(base), "--out", str(out))
-    assert rc == 1 and "not empty" in err and "--overwrite" in err
+    assert rc == 2 and "not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     rc, _ = export_cli(capsys, "merged", "--adapter", str(ckpt), "--base", str(base), "--out", str(out), "--overwrite")
     assert rc == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not leftovers(tmp_path)
     rc, err = export_cli(capsys, "merged", "--adapter", str(ckpt), "--base", str(base), "--out", str(base / "x"),
                          "--overwrite")
-    assert rc == 1 and "overlaps" in err
+    assert rc == 2 and "overlaps" in err
 
 
 def test_failure_midway_leaves_nothing(run, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 
 from export_fixtures import make_checkpoint
 from model_fixtures import make_pair, media_inputs
+from vlft.cli import main as vlft
 from vlft.data import Media, Message
 from vlft.export import export_merged
 from vlft.generate import encode_prompt, generate, left_pad, load_for_inference, main, stop_ids
@@ -114,5 +115,7 @@ def test_cli_pipeline_equals_transformers_on_merged_export(tmp_path, media_files
                str(media_files / "clip"), "--prompt", "what is it?", "--prompt", "and?", "--max-new-tokens", "4"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(out) == 2 and out[0].startswith("[0]") and out[1].startswith("[1]")
-    rc = main(["--model", str(tmp_path / "merged"), "--image", str(media_files / "missing.png"), "--prompt", "hi"])
-    assert rc == 1 and "missing.png" in capsys.readouterr().err
+    rc = vlft(["generate", "--model", str(tmp_path / "merged"), "--image", str(media_files / "missing.png"),
+               "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"vlft generate: error: image file not found: {media_files / 'missing.png'}\n"

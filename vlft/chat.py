@@ -28,11 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video", action="append", default=[], help="video for the first message (repeatable)")
     add_sampling_args(ap)
     args = ap.parse_args(argv)
-    try:
-        model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"vlft chat: error: {e}", file=sys.stderr)
-        return 1
+    # a missing model or adapter is reported by the vlft CLI's one error policy (vlft/cli.py)
+    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
     kw = sampling_kwargs(args, tokenizer, model)
     device, tps = model.lm_head.weight.device, model.config.vision.tokens_per_second
     history: list = []

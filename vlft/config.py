@@ -4,11 +4,18 @@ A config is a tree of dataclasses. `build(cls, data, where)` turns a plain dict 
 with the dotted key name on an unknown key or a value of the wrong type; `apply_overrides` takes `a.b=c` strings from
 the command line; `to_dict` gives the resolved tree back for saving. YAML is always read with the safe loader.
 The experiment's sections (model, lora, freeze, data, optim, train, checkpoint, logging) are defined below the helpers.
+
+Paths: a relative path in a YAML file is relative to that file's folder (as in a compose file or a Makefile), so an
+experiment folder works from any current folder; a relative path given as a `section.key=value` override is relative
+to the current folder. `load_config_tree` makes both absolute, for every command (`vlft train`, `vlft data check`,
+`vlft eval`), so the resolved config saved with a run records absolute paths. `check_inputs` checks that the
+datasets, the tokenizer and the base model exist before anything is built or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,11 +23,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from vlft.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's interface)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key that is not allowed; the message names the dotted key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -123,7 +128,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not a valid YAML file: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -131,8 +139,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML scalars/lists) to a nested dict, in place."""
+def _parse_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: {raw!r} is not a valid YAML value ({e})") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], base: str | Path | None = None,
+                    at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML scalars/lists) to a nested dict, in place.
+    With `base`, relative paths in the values are made absolute against it (the current folder for a command line);
+    `at` is where `data` sits in an experiment config (("data",) for a data section alone)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -143,15 +161,57 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_value(key, raw)
+        node[parts[-1]] = value if base is None else resolve_paths(value, Path(base), (*at, *parts))
     return data
+
+
+# ====================================================================== paths
+# Where a config holds paths ("*": any item of a list). Values here are local paths, never Hub names: vlft reads
+# local folders only, so a path that does not exist is an error naming its key (see check_inputs).
+PATH_KEYS = {("model", "path"), ("data", "tokenizer"), ("train", "output_dir"), ("checkpoint", "resume")} | {
+    ("data", section, "*", key) for section in ("datasets", "eval_datasets") for key in ("path", "media_root")}
+
+
+def _not_a_path(at: tuple[str, ...], value: str) -> bool:
+    """The values of a path key that name something else: a random model preset, resuming from the newest checkpoint."""
+    return (at == ("model", "path") and value.startswith("preset:")) or (at == ("checkpoint", "resume")
+                                                                          and value == "auto")
+
+
+def absolute_path(value: str, base: Path) -> str:
+    """`value` made absolute against `base`, ~ expanded (an empty value stays empty: the checks name it)."""
+    if not value:
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def resolve_paths(tree: Any, base: Path, at: tuple[str, ...] = ()) -> Any:
+    """A copy of a config tree (or of the subtree found at key path `at`) with its relative paths made absolute."""
+    if isinstance(tree, dict):
+        return {k: resolve_paths(v, base, (*at, str(k))) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [resolve_paths(v, base, (*at, "*")) for v in tree]
+    if at in PATH_KEYS and isinstance(tree, str) and not _not_a_path(at, tree):
+        return absolute_path(tree, base)
+    return tree
+
+
+def load_config_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = (), at: tuple[str, ...] = ()
+                     ) -> dict[str, Any]:
+    """The YAML at `path` as a plain tree, overrides applied, every path absolute: the YAML's relative to its own
+    folder, the overrides' relative to the current folder. The one path rule of every command. `at`: where the
+    YAML's top level sits in an experiment config (("data",) for a YAML holding only the data section)."""
+    path = Path(path)
+    tree = resolve_paths(load_yaml(path), path.absolute().parent, at)
+    return apply_overrides(tree, list(overrides), base=Path.cwd(), at=at)
 
 
 # ====================================================================== experiment sections
 # Every field has a default; the comment next to it is the documentation `vlft train --help` points at.
 # Keys are strict: a typo is an error naming the dotted key (see `build`).
 
-from vlft.data.config import DataConfig  # noqa: E402  (the data section is owned by vlft/data)
+from vlft.data.config import DataConfig, check_range, validate_data  # noqa: E402  (the data section: vlft/data)
 
 
 @dataclasses.dataclass
@@ -264,35 +324,132 @@ class ExperimentConfig:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks that a type cannot express; each message names the keys involved."""
+    """Every value in range and the cross-field checks a type cannot express; each message names the keys."""
     if not cfg.model.path:
         raise ConfigError("model.path: required (an HF folder or preset:<name>)")
-    if cfg.lora.rank < 1:
-        raise ConfigError(f"lora.rank: must be >= 1, got {cfg.lora.rank}")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    check_range("lora.rank", cfg.lora.rank, 1)
+    check_range("lora.alpha", cfg.lora.alpha, 0, lo_open=True)
+    check_range("lora.dropout", cfg.lora.dropout, 0, 1, hi_open=True)
+    for part in ("language_attention", "language_mlp", "vision", "merger", "train_fully"):
+        if not all(getattr(cfg.lora, part)):
+            raise ConfigError(f"lora.{part}: a module name is empty in {getattr(cfg.lora, part)}")
     for part, frozen in (("vision", cfg.freeze.vision), ("merger", cfg.freeze.merger)):
         if frozen and getattr(cfg.lora, part):
             raise ConfigError(f"lora.{part} targets are set but freeze.{part} is true; set freeze.{part}=false")
     if cfg.freeze.language and (cfg.lora.language_attention or cfg.lora.language_mlp):
         raise ConfigError("freeze.language is true but lora.language_attention/lora.language_mlp are set; "
                           "empty them to freeze the language model")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    validate_data(cfg.data)
+    o = cfg.optim
+    for key in ("lr", "vision_lr", "merger_lr", "eps"):
+        check_range(f"optim.{key}", getattr(o, key), 0, lo_open=True)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {o.betas}")
+    for i, beta in enumerate(o.betas):
+        check_range(f"optim.betas[{i}]", beta, 0, 1, hi_open=True)
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm"):
+        check_range(f"optim.{key}", getattr(o, key), 0)
+    check_range("optim.warmup_ratio", o.warmup_ratio, 0, 1, hi_open=True)
+    check_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    t = cfg.train
+    if not t.output_dir:
+        raise ConfigError("train.output_dir: required (the run folder)")
     for key in ("micro_batch_size", "gradient_accumulation", "log_every", "max_bad_steps"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        check_range(f"train.{key}", getattr(t, key), 1)
+    for key in ("epochs", "max_steps", "seed", "eval_every", "eval_batches"):
+        check_range(f"train.{key}", getattr(t, key), 0)
+    if t.max_steps == 0 and t.epochs == 0:
         raise ConfigError("train.max_steps and train.epochs are both 0: nothing to train")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    check_range("checkpoint.every", cfg.checkpoint.every, 0)
+    check_range("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    if cfg.checkpoint.resume == "":
+        raise ConfigError("checkpoint.resume: empty; use auto, a checkpoint path, or leave it unset (null)")
+    if cfg.logging.wandb and not cfg.logging.wandb_project:
+        raise ConfigError("logging.wandb_project: required when logging.wandb is true")
     return cfg
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read an experiment YAML, apply `section.key=value` overrides, build and check the typed config."""
-    data = apply_overrides(load_yaml(path), list(overrides))
-    return validate(build(ExperimentConfig, data))
+    """Read an experiment YAML, apply `section.key=value` overrides, build and check the typed config. Relative paths
+    are resolved as `load_config_tree` says (a default output_dir is relative to the YAML's folder too)."""
+    cfg = validate(build(ExperimentConfig, load_config_tree(path, overrides)))
+    cfg.train.output_dir = absolute_path(cfg.train.output_dir, Path(path).absolute().parent)
+    return cfg
+
+
+# ====================================================================== inputs exist (before anything is built)
+NOT_FOUND_HINT = ("(a relative path in a YAML file is relative to that file's folder, one given on the command line to "
+                  "the current folder; vlft reads local folders only and downloads nothing)")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def check_model_path(key: str, path: str) -> None:
+    """A preset name or an HF folder with config.json and safetensors weights."""
+    if path.startswith("preset:"):
+        from vlft.model.config import preset
+
+        try:
+            preset(path.split(":", 1)[1])
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: model folder not found: {folder} {NOT_FOUND_HINT}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}: {folder} has no config.json (is it a Hugging Face model folder?)")
+    from vlft.model.weights import weight_files
+
+    try:
+        weight_files(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def check_tokenizer_path(key: str, path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: tokenizer folder not found: {folder} {NOT_FOUND_HINT}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+
+
+def check_data_inputs(data: DataConfig, where: str = "data") -> None:
+    """Every dataset file is there and not empty, every media_root is a folder."""
+    from vlft.data.formats import dataset_files
+
+    for name in ("datasets", "eval_datasets"):
+        for i, d in enumerate(getattr(data, name)):
+            key = f"{where}.{name}[{i}]"
+            try:
+                dataset_files(d.path)
+            except (OSError, UserError) as e:
+                raise ConfigError(f"{key}.path: {e} {NOT_FOUND_HINT if isinstance(e, OSError) else ''}".rstrip()) \
+                    from None
+            if d.media_root is not None and not Path(d.media_root).is_dir():
+                raise ConfigError(f"{key}.media_root: folder not found: {d.media_root} {NOT_FOUND_HINT}")
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Pre-flight, before any model is built or anything is written: the base model, the tokenizer, the datasets,
+    the checkpoint to resume from and the output folder. Raises ConfigError naming the key."""
+    check_model_path("model.path", cfg.model.path)
+    if cfg.data.tokenizer:
+        check_tokenizer_path("data.tokenizer", cfg.data.tokenizer)
+    elif cfg.model.path.startswith("preset:"):
+        raise ConfigError("data.tokenizer: required when model.path is a preset (a random model has no tokenizer)")
+    else:
+        check_tokenizer_path("model.path (the tokenizer folder while data.tokenizer is unset)", cfg.model.path)
+    check_data_inputs(cfg.data)
+    for i, d in enumerate(cfg.data.datasets):
+        if d.streaming:  # exact resume and equal step counts on every rank need an indexable dataset
+            raise ConfigError(f"data.datasets[{i}].streaming: training reads indexable datasets only; set it to false")
+    resume = cfg.checkpoint.resume
+    if resume not in (None, "auto") and not Path(resume).is_dir():
+        raise ConfigError(f"checkpoint.resume: checkpoint folder not found: {resume} {NOT_FOUND_HINT}")
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} exists and is not a folder")
 
 
 def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:

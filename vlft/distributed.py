@@ -29,6 +29,19 @@ def precision(cfg: ExperimentConfig) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+class _Accelerator(Accelerator):
+    """accelerate's unwrap_model imports DeepSpeed whenever it is installed, only to compare a type, and that import
+    prints DeepSpeed's accelerator warning in runs that do not use it. Without DeepSpeed vlft's model is wrapped by
+    DDP at most."""
+
+    def unwrap_model(self, model, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True):
+        if self.distributed_type == DistributedType.DEEPSPEED:
+            return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
+        while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        return model
+
+
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` chose (1 process, DDP, DeepSpeed ZeRO-2/3, many nodes).
 
@@ -41,7 +54,7 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a backend set in one plain process would break accelerate
     pg = InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=datetime.timedelta(minutes=30))
-    accelerator = Accelerator(
+    accelerator = _Accelerator(
         cpu=on_cpu and not use_deepspeed,
         mixed_precision=None if use_deepspeed else mixed,
         gradient_accumulation_steps=cfg.train.gradient_accumulation,

@@ -10,7 +10,9 @@ records in base_model.json.
 The merge streams tensor by tensor: each base shard is read one tensor at a time, merged in float32 and written to
 the output shard at once, so host memory holds one tensor (plus its float32 copy) and the adapter, never a shard or
 the model. Output keys are in the Hub layout (sheet 9.1) and keep the base's sharding. Everything is written to a
-temporary folder next to DIR and renamed at the end, so a failure leaves nothing half-written.
+temporary folder next to DIR and renamed at the end, so a failure leaves nothing half-written; the working folders
+of an export that was killed (`.DIR.tmp-HOST-PID`, ...) are removed by the next export to DIR once that process is
+gone.
 
 Merge math (what peft computes, written out here; checked against peft's own merge in tests/test_export.py):
     LoRA:  W' = W + s * B @ A,                 s = alpha / r  (alpha / sqrt(r) with rsLoRA)
@@ -25,13 +27,14 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from vlft.errors import UserError
 from vlft.model.weights import DTYPES, to_hub_key, weight_files
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -44,7 +47,7 @@ UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "use_bdlora": None, 
                "alora_invocation_tokens": None, "trainable_token_indices": None}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """Bad input for an export: the message names the file, key or option."""
 
 
@@ -380,6 +383,49 @@ def report_extras(got: dict[str, Path], ckpt: Path) -> list[str]:
 
 
 # ============================================================================= output folders, atomically
+# Working folders sit next to the output (same file system: the final rename is atomic, and no copy of a model lands
+# in /tmp): .OUT.tmp-HOST-PID (the output being written), .OUT.old-HOST-PID (the previous output while it is being
+# replaced), .OUT.base-HOST-PID (a rebuilt preset base). HOST and PID say whose they are, so a later export can prove
+# that their process is gone (a folder of another machine sharing the disk is never touched).
+WORK_FOLDER = r"\.{name}\.(tmp|old|base)-(?:(.+)-)?(\d+)"
+
+
+def work_folder(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove the working folders an interrupted export to `out` left behind, once their process is gone; a previous
+    output that was moved aside and never replaced is put back."""
+    out = out.absolute()
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(WORK_FOLDER.format(name=re.escape(out.name)))
+    for p in sorted(out.parent.iterdir()):
+        hit = pattern.fullmatch(p.name)
+        if not hit or not p.is_dir():
+            continue
+        kind, host, pid = hit.group(1), hit.group(2), int(hit.group(3))
+        if (host is not None and host != socket.gethostname()) or pid == os.getpid() or _process_alive(pid):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(p, out)
+            print(f"restored {out} from {p.name}, moved aside by an export that was interrupted", file=sys.stderr)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed {p}, left by an export that was interrupted (process {pid})", file=sys.stderr)
+
+
 def prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
     """Refuse a non-empty output (unless overwrite) and an output inside an input; return the temporary folder."""
     out = out.absolute()
@@ -393,7 +439,7 @@ def prepare_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
         if any(out.iterdir()) and not overwrite:
             raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = work_folder(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -404,7 +450,7 @@ def finish_out(tmp: Path, out: Path) -> None:
     out = out.absolute()
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = work_folder(out, "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
@@ -435,7 +481,10 @@ def resolve_base(base: str | None, ckpt: Path, scratch: Path | None = None) -> P
     p = Path(base)
     if not (p / "config.json").is_file():
         raise ExportError(f"base model folder {p} has no config.json")
-    weight_files(p)  # fails naming the folder when weights are missing
+    try:
+        weight_files(p)  # fails naming the folder when weights are missing
+    except ValueError as e:  # pickle-only weights
+        raise ExportError(str(e)) from None
     return p
 
 
@@ -523,7 +572,8 @@ def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], 
 def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: str | None = None,
                   overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    scratch = Path(tempfile.mkdtemp(prefix="vlft-base-"))
+    clean_stale(Path(out))
+    scratch = work_folder(Path(out).absolute(), "base")  # created only for a preset base
     tmp = None
     try:
         base_dir = resolve_base(base, adapter.folder, scratch)
@@ -537,8 +587,9 @@ def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: s
         for folder in (tmp, scratch):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+    shown_base = "the rebuilt preset base" if base_dir == scratch else base_dir  # the scratch copy is gone by now
     print(f"merged {counts['lora']} LoRA and {counts['dora']} DoRA modules and {counts['full']} fully trained "
-          f"tensors of {adapter.folder} into {base_dir} -> {out}")
+          f"tensors of {adapter.folder} into {shown_base} -> {out}")
     for line in report_extras(got, adapter.folder):
         print(line, file=sys.stderr)
     return Path(out)
@@ -547,7 +598,8 @@ def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: s
 def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vllm: bool = False,
                    overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    scratch = Path(tempfile.mkdtemp(prefix="vlft-base-"))
+    clean_stale(Path(out))
+    scratch = work_folder(Path(out).absolute(), "base")  # created only for a preset base
     tmp = None
     try:
         base_dir = resolve_base(base, adapter.folder, scratch) if (base or for_vllm) else None
@@ -618,16 +670,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--for-vllm", action="store_true",
                    help="merge vision/merger changes into OUT/base and keep only the language LoRA in OUT/adapter")
     args = ap.parse_args(argv)
-    try:
-        if args.what == "merged":
-            export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite)
-        else:
-            export_adapter(args.adapter, args.out, args.base, args.for_vllm, args.overwrite)
-    except (ValueError, FileNotFoundError) as e:  # ExportError, and weight_files' refusals
-        print(f"vlft export: error: {e}", file=sys.stderr)
-        return 1
+    # errors are reported by the vlft CLI's one policy (vlft/cli.py): ExportError and missing files exit 2
+    if args.what == "merged":
+        export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite)
+    else:
+        export_adapter(args.adapter, args.out, args.base, args.for_vllm, args.overwrite)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vlft.cli import run_command
+
+    sys.exit(run_command("vlft export", main, sys.argv[1:]))

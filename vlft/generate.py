@@ -214,10 +214,11 @@ def left_pad(samples: list[dict], pad_id: int) -> dict:
 
 # ============================================================================= loading
 def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype: str = "auto",
-                       device: str = "auto", attn: str = "sdpa"):
+                       device: str = "auto", attn: str = "sdpa", tokenizer_dir: str | None = None):
     """(model, tokenizer, media limits, folders) from an HF folder and/or a training checkpoint (merged in place).
     Without --model the checkpoint's base_model.json names the base; a "preset:NAME" base is rebuilt from the
-    run's seed (random tiny models in tests and demos)."""
+    run's seed (random tiny models in tests and demos). The tokenizer comes from the checkpoint, else
+    `tokenizer_dir`, else the base folder."""
     from transformers import AutoTokenizer
 
     from vlft.export import apply_adapter, load_adapter, resolve_checkpoint
@@ -248,9 +249,10 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
         apply_adapter(model, load_adapter(ckpt))
     model.eval()
     folders = [f for f in (ckpt, base_folder) if f is not None]
-    tok_folder = next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
+    candidates = [f for f in (ckpt, Path(tokenizer_dir) if tokenizer_dir else None, base_folder) if f is not None]
+    tok_folder = next((f for f in candidates if (f / "tokenizer_config.json").is_file()), None)
     if tok_folder is None:
-        raise FileNotFoundError(f"no tokenizer files in {', '.join(map(str, folders)) or 'the inputs'}")
+        raise FileNotFoundError(f"no tokenizer files in {', '.join(map(str, candidates)) or 'the inputs'}")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_folder))
     return model, tokenizer, MediaLimits.from_folders(folders), folders
 
@@ -301,7 +303,6 @@ def to_device(batch: dict, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.data import Media, Message
-    from vlft.data.errors import BadInput
 
     ap = argparse.ArgumentParser(prog="vlft generate", description="generate replies to prompts with images/videos")
     add_model_args(ap)
@@ -311,15 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the question; several --prompt make a batch, each with the same images/videos")
     add_sampling_args(ap)
     args = ap.parse_args(argv)
-    try:
-        model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
-        media = [Media("image", p) for p in args.image] + [Media("video", p) for p in args.video]
-        tps = model.config.vision.tokens_per_second
-        samples = [encode_prompt([Message("user", media + [text])], tokenizer, limits, tps, args.system)
-                   for text in args.prompt]
-    except (BadInput, FileNotFoundError, ValueError) as e:
-        print(f"vlft generate: error: {e}", file=sys.stderr)
-        return 1
+    # errors (a missing file, an unreadable image, ...) are reported by the vlft CLI's one policy (vlft/cli.py)
+    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
+    media = [Media("image", p) for p in args.image] + [Media("video", p) for p in args.video]
+    tps = model.config.vision.tokens_per_second
+    samples = [encode_prompt([Message("user", media + [text])], tokenizer, limits, tps, args.system)
+               for text in args.prompt]
     kw = sampling_kwargs(args, tokenizer, model)
     batch = to_device(left_pad(samples, kw["pad_token_id"]), model.lm_head.weight.device)
     new = generate(model, **batch, **kw)

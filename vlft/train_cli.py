@@ -2,7 +2,12 @@
 
 Under several processes use `accelerate launch --config_file launch/accelerate/<setup>.yaml recipes/sft.py CONFIG`
 (or `accelerate launch ... -m vlft.cli train CONFIG`). `vlft train --make-tiny-data DIR` writes the synthetic
-tokenizer and dataset that configs/tiny.yaml trains on (images, videos and text only samples; no download).
+tokenizer and dataset that configs/tiny.yaml trains on (images, videos and text only samples; no download) into an
+absent or empty DIR, or into a DIR an earlier --make-tiny-data wrote; it never writes over files of a folder it did
+not make.
+
+Relative paths inside CONFIG are relative to CONFIG's folder; those in section.key=value overrides to the current
+folder.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import random
 import sys
 from pathlib import Path
 
+from vlft.errors import UserError
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sft.py"
 ANSWERS = ["red", "green", "blue", "cat", "dog", "tree", "yes", "no"]
+TINY_DATA_MARKER = ".vlft-tiny-data"  # written first into a folder --make-tiny-data owns
 
 
 def load_recipe():
@@ -35,6 +43,9 @@ def make_tiny_data(root: str | Path, kinds: list[str] | None = None, seed: int =
     `kinds` lists one entry per sample, in file order: "text", "image", "video" or "image+video" (default: a mix of
     24). Media are small random images and short mpeg4 videos; answers are words from a short list that depend on the
     sample, so a model can learn them. Returns {"tokenizer", "train", "root"} paths.
+
+    `root` must be absent, empty, or written by an earlier call (it holds TINY_DATA_MARKER): a user's folder is never
+    written into, so none of their files can be replaced.
     """
     import numpy as np
     from PIL import Image
@@ -42,6 +53,7 @@ def make_tiny_data(root: str | Path, kinds: list[str] | None = None, seed: int =
     from vlft.data.tiny_tokenizer import build_tiny_tokenizer
 
     root = Path(root)
+    claim_tiny_data_folder(root)
     (root / "media").mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(root / "tokenizer", ANSWERS)
     kinds = kinds or ["text", "image", "video", "image+video"] * 6
@@ -65,6 +77,17 @@ def make_tiny_data(root: str | Path, kinds: list[str] | None = None, seed: int =
     train = root / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"tokenizer": str(root / "tokenizer"), "train": str(train), "root": str(root)}
+
+
+def claim_tiny_data_folder(root: Path) -> None:
+    """Make `root` ours (marker file) if it is absent or empty; refuse a folder with files we did not write."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--make-tiny-data {root}: exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / TINY_DATA_MARKER).is_file():
+        raise UserError(f"--make-tiny-data {root}: the folder is not empty and was not written by --make-tiny-data; "
+                        "nothing was written (choose an absent or empty folder)")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / TINY_DATA_MARKER).write_text("written by `vlft train --make-tiny-data`; it may write here again\n")
 
 
 def _write_video(path: Path, frames: int, fps: int, value: int, size: int = 32) -> None:

@@ -1,8 +1,10 @@
 """`vlft data check CONFIG`: process every sample of an experiment's datasets without the model and report.
 
 CONFIG is an experiment YAML (its `data:` section is used, other sections ignored) or a YAML holding only the data
-section. Prints the sample count, text / visual / total tokens per sample (min, median, p95, max), how many samples
-exceed max_length, every bad sample with its reason, and seconds per sample. Exit status 1 when any sample is bad.
+section; relative paths in it are relative to its folder, as for every command (vlft/config.py). Prints the sample
+count, text / visual / total tokens per sample (min, median, p95, max), how many samples exceed max_length, every bad
+sample with its file, line and reason, and seconds per sample. Exit status: 0 every sample is usable, 1 some sample is
+bad (the report lists them), 2 the config or a file it names is wrong (nothing is checked).
 """
 
 from __future__ import annotations
@@ -14,30 +16,36 @@ import sys
 import time
 from pathlib import Path
 
-from vlft.config import ConfigError, apply_overrides, build, load_yaml
-from vlft.data.config import DataConfig
+from vlft.config import (ConfigError, absolute_path, build, check_data_inputs, check_tokenizer_path, load_config_tree,
+                         load_yaml)
+from vlft.data.config import DataConfig, validate_data
 from vlft.data.dataset import SampleProcessor, dataset_name
-from vlft.data.errors import SampleError
+from vlft.data.errors import SampleError, sample_label
 from vlft.data.formats import RecordSource
 
 
 def load_data_config(path: str, overrides: list[str] = ()) -> tuple[DataConfig, dict]:
     """DataConfig from an experiment YAML (its data: section) or a data-only YAML; overrides `a.b=c` (a leading
-    `data.` is optional). Returns (config, the whole YAML mapping)."""
-    raw = load_yaml(path)
-    section = raw["data"] if isinstance(raw.get("data"), dict) else raw
-    apply_overrides(section, [o[len("data."):] if o.startswith("data.") else o for o in overrides])
-    return build(DataConfig, section, "data"), raw
+    `data.` is optional). Paths are absolute, by the rule of every command (vlft.config.load_config_tree).
+    Returns (config, the model section or {})."""
+    keys = [o[len("data."):] if o.startswith("data.") else o for o in overrides]
+    if isinstance(load_yaml(path).get("data"), dict):
+        tree = load_config_tree(path, ["data." + o for o in keys])
+        section, model = tree["data"], tree.get("model")
+    else:
+        section, model = load_config_tree(path, keys, at=("data",)), None
+    return validate_data(build(DataConfig, section, "data")), model if isinstance(model, dict) else {}
 
 
-def _tokenizer_path(cfg: DataConfig, raw: dict, given: str | None) -> str | None:
-    if given or cfg.tokenizer:
-        return given or cfg.tokenizer
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    for key in ("tokenizer", "path", "name_or_path", "pretrained"):
-        if isinstance(model.get(key), str):
-            return model[key]
-    return None
+def tokenizer_path(cfg: DataConfig, model: dict, given: str | None) -> tuple[str, str]:
+    """(tokenizer folder, the option or key that named it): --tokenizer, data.tokenizer, else model.path."""
+    if given:
+        return absolute_path(given, Path.cwd()), "--tokenizer"
+    if cfg.tokenizer:
+        return cfg.tokenizer, "data.tokenizer"
+    if isinstance(model.get("path"), str) and not model["path"].startswith("preset:"):
+        return model["path"], "model.path (the tokenizer folder while data.tokenizer is unset)"
+    raise ConfigError("no tokenizer: set data.tokenizer or model.path, or pass --tokenizer")
 
 
 def _stats(values: list[int]) -> tuple:
@@ -68,14 +76,14 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
         size = None if dc.streaming else len(source)
         bar = tqdm(total=size if limit is None or size is None else min(size, limit), desc=dataset_name(dc),
                    unit="sample", disable=None, file=sys.stderr)
-        for index, record in source:
+        for index, record, where in source:
             if limit is not None and index >= limit:
                 break
             n += 1
             bar.update(1)
             start = time.perf_counter()
             try:
-                s = processor(record, dc, index)
+                s = processor(record, dc, index, where=where)
             except SampleError as e:
                 bad.append(e)
                 continue
@@ -87,7 +95,7 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
             text.append(len(tok) - vis)
             total.append(len(tok))
             if len(tok) > cfg.max_length:
-                over.append((dataset_name(dc), index, len(tok)))
+                over.append((sample_label(dataset_name(dc), index, where), len(tok)))
                 ends = [i for i, t in enumerate(tok) if t == ids.vision_end]
                 if cfg.overlength == "drop" or (ends and ends[-1] + 1 > cfg.max_length):
                     over_untruncatable += 1
@@ -102,12 +110,12 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
     action = "dropped" if cfg.overlength == "drop" else "text truncated"
     p(f"over max_length {cfg.max_length}: {len(over)} (overlength={cfg.overlength}: {action}; "
       f"{over_untruncatable} would be dropped)")
-    for name, index, length in over[:50]:
-        p(f"  {name} sample {index}: {length} tokens")
+    for label, length in over[:50]:
+        p(f"  {label}: {length} tokens")
     if bad:
         p("bad samples:")
         for e in bad:
-            p(f"  {e.dataset} sample {e.index}: {e.reason}")
+            p(f"  {e}")
     p(f"seconds per sample: {seconds / max(n, 1):.4f}")
     return 1 if bad else 0
 
@@ -122,24 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the report lists problems; per-sample warnings would repeat them
-    try:
-        cfg, raw = load_data_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"vlft data check: {e}", file=sys.stderr)
-        return 2
-    tok_path = _tokenizer_path(cfg, raw, args.tokenizer)
-    if tok_path is None:
-        print("vlft data check: no tokenizer: set data.tokenizer, model.path, or pass --tokenizer", file=sys.stderr)
-        return 2
+    cfg, model = load_data_config(args.config, args.overrides)
+    tok_path, key = tokenizer_path(cfg, model, args.tokenizer)
+    check_tokenizer_path(key, tok_path)
+    check_data_inputs(cfg)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    base = Path(args.config).parent
-    for dc in list(cfg.datasets) + list(cfg.eval_datasets):  # relative dataset paths are relative to the YAML
-        if not Path(dc.path).is_absolute() and not Path(dc.path).exists():
-            dc.path = str(base / dc.path)
-    try:
-        return run_check(cfg, tokenizer, limit=args.limit)
-    except FileNotFoundError as e:
-        print(f"vlft data check: {e}", file=sys.stderr)
-        return 2
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    return run_check(cfg, tokenizer, limit=args.limit)

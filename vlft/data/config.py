@@ -5,14 +5,19 @@ images default to at most 768 merged tokens (768*28*28 = 602112 px, e.g. 644x924
 the qwen-vl-utils per-frame limits (128..768 tokens per frame pair) and a total budget of 16384 tokens per video,
 both at 2 frames/s and 4..64 frames. Every limit can be set per dataset and per media item (`min_pixels`,
 `max_pixels`, `fps`, `nframes`, ... inside a messages content item).
+
+`validate_data` checks every value when a config loads, naming the key; `check_range` is the shared range check that
+vlft/config.py uses for the other sections.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from vlft.data.image import FACTOR
+from vlft.data.image import FACTOR, MAX_DECODE_PIXELS
+from vlft.errors import ConfigError
 
 TOKEN_PIXELS = FACTOR * FACTOR  # pixels covered by one merged visual token
 
@@ -64,3 +69,64 @@ class DataConfig:
     skip_check_min_samples: int = 100  # the fraction is taken over at least this many samples
     num_workers: int = 2
     seed: int = 0
+    # Largest image or video frame decoded (width x height as stored in the file, read from its header before any
+    # pixel is decoded); larger files are bad samples, skipped and counted (decompression bombs). PIL's own limit,
+    # about 179 Mpx, applies above this.
+    max_decode_pixels: int = MAX_DECODE_PIXELS
+
+
+def check_range(key: str, value: float | int | None, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """ConfigError naming `key` unless lo <= value <= hi (strict where open) and finite; None (unset) passes."""
+    if value is None:
+        return
+    low = lo is not None and (value <= lo if lo_open else value < lo)
+    high = hi is not None and (value >= hi if hi_open else value > hi)
+    if math.isfinite(value) and not low and not high:
+        return
+    if lo is not None and hi is not None:
+        rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rule = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        rule = f"{'<' if hi_open else '<='} {hi:g}"
+    raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+
+
+def _check_dataset(d: DatasetConfig, key: str, cfg: "DataConfig") -> None:
+    if not d.path:
+        raise ConfigError(f"{key}.path: required (a .json, .jsonl or .parquet file, a folder or a glob)")
+    check_range(f"{key}.weight", d.weight, 0)
+    for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_total_pixels",
+                 "video_fps"):
+        check_range(f"{key}.{name}", getattr(d, name), 0, lo_open=True)
+    check_range(f"{key}.video_max_frames", d.video_max_frames, 2)
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
+        lo, hi = getattr(d, low) or getattr(cfg, low), getattr(d, high) or getattr(cfg, high)
+        if lo > hi:
+            raise ConfigError(f"{key}: {low} {lo} is above {high} {hi} (per dataset or in the data section)")
+
+
+def validate_data(cfg: DataConfig, where: str = "data") -> DataConfig:
+    """Every data setting in range, each error naming its dotted key. Returns cfg."""
+    if not cfg.datasets:
+        raise ConfigError(f"{where}.datasets: at least one dataset is required")
+    if cfg.tokenizer == "":
+        raise ConfigError(f"{where}.tokenizer: empty; give a tokenizer folder or leave it unset (the model's folder)")
+    check_range(f"{where}.eval_split", cfg.eval_split, 0, 1, hi_open=True)
+    for name in ("min_pixels", "video_min_pixels", "video_total_pixels", "video_fps", "max_decode_pixels"):
+        check_range(f"{where}.{name}", getattr(cfg, name), 0, lo_open=True)
+    check_range(f"{where}.max_pixels", cfg.max_pixels, cfg.min_pixels)
+    check_range(f"{where}.video_max_pixels", cfg.video_max_pixels, cfg.video_min_pixels)
+    check_range(f"{where}.video_min_frames", cfg.video_min_frames, 1)
+    check_range(f"{where}.video_max_frames", cfg.video_max_frames, max(2, cfg.video_min_frames))
+    check_range(f"{where}.max_length", cfg.max_length, 1)
+    check_range(f"{where}.max_skip_fraction", cfg.max_skip_fraction, 0, 1)
+    for name in ("skip_check_min_samples", "num_workers", "seed"):
+        check_range(f"{where}.{name}", getattr(cfg, name), 0)
+    for name in ("datasets", "eval_datasets"):  # after the section's own values, which per-dataset limits default to
+        for i, d in enumerate(getattr(cfg, name)):
+            _check_dataset(d, f"{where}.{name}[{i}]", cfg)
+    if sum(d.weight for d in cfg.datasets) == 0:
+        raise ConfigError(f"{where}.datasets: every weight is 0, so an epoch holds no sample")
+    return cfg

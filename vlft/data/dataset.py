@@ -2,9 +2,9 @@
 
 `SampleProcessor` turns one record into tensors (each media item decoded once), applying the over-length policy.
 `MixedDataset` (map-style) and `StreamingMixedDataset` (iterable) mix several datasets by weight. A sample that
-cannot be used comes out as a `Skipped` record (logged with dataset, index and reason) instead of being replaced by
-another; the collator passes those on and `SkipCounter` counts them in the main process and stops training once
-the skipped fraction passes `max_skip_fraction`.
+cannot be used comes out as a `Skipped` record (logged with dataset, index, file and line, and reason) instead of
+being replaced by another; the collator passes those on and `SkipCounter` counts them in the main process and stops
+training once the skipped fraction passes `max_skip_fraction`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from vlft.data.config import DataConfig, DatasetConfig
-from vlft.data.errors import BadInput, SampleError, TooManySkipped
+from vlft.data.errors import BadInput, SampleError, TooManySkipped, sample_label
 from vlft.data.formats import MediaResolver, RecordSource, to_messages
 from vlft.data.image import process_image
 from vlft.data.template import IGNORE_INDEX, SpecialIds, encode_conversation, media_of
@@ -36,6 +36,10 @@ class Skipped:
     index: int
     reason: str
     kind: str = "bad"
+    where: str = ""  # file and line, e.g. "data/train.jsonl line 7"
+
+    def __str__(self) -> str:
+        return f"{sample_label(self.dataset, self.index, self.where)}: {self.reason}"
 
 
 def default_media_root(path: str) -> Path:
@@ -88,24 +92,26 @@ class SampleProcessor:
         return encode_conversation(messages, self.tokenizer, media_tokens, self.cfg.last_turn_only,
                                    self.cfg.system_prompt, ids=self.ids)
 
-    def __call__(self, record: Any, dc: DatasetConfig, index: int, root: str | None = None) -> dict:
+    def __call__(self, record: Any, dc: DatasetConfig, index: int, root: str | None = None, where: str = "") -> dict:
         name = dataset_name(dc)
         try:
             messages = self.messages(record, dc, root)
             images, videos, tokens = [], [], []
             for m in media_of(messages):  # each item decoded exactly once
                 if m.kind == "image":
-                    px, grid = process_image(m.source, **self.image_options(m, dc))
+                    px, grid = process_image(m.source, **self.image_options(m, dc),
+                                             max_decode_pixels=self.cfg.max_decode_pixels)
                     images.append((px, grid))
                 else:
                     px, grid, secs = process_video(m.source, **self.video_options(m, dc),
-                                                   tokens_per_second=self.tokens_per_second)
+                                                   tokens_per_second=self.tokens_per_second,
+                                                   max_decode_pixels=self.cfg.max_decode_pixels)
                     videos.append((px, grid, secs))
                 tokens.append(int(grid.prod()) // 4)
             input_ids, labels = self.encode(messages, tokens)
         except BadInput as e:
-            raise SampleError(name, index, str(e)) from None
-        input_ids, labels = self.fit(input_ids, labels, name, index)
+            raise SampleError(name, index, str(e), where=where) from None
+        input_ids, labels = self.fit(input_ids, labels, name, index, where)
         out = {"input_ids": torch.tensor(input_ids, dtype=torch.long),
                "labels": torch.tensor(labels, dtype=torch.long)}
         if images:
@@ -117,7 +123,7 @@ class SampleProcessor:
             out["second_per_grid_ts"] = _cat([s for _, _, s in videos])
         return out
 
-    def fit(self, input_ids: list[int], labels: list[int], name: str, index: int):
+    def fit(self, input_ids: list[int], labels: list[int], name: str, index: int, where: str = ""):
         """Apply the over-length policy: never cut inside a vision block."""
         L, max_len = len(input_ids), self.cfg.max_length
         if L <= max_len:
@@ -127,25 +133,27 @@ class SampleProcessor:
             keep_from = ends[-1] + 1 if ends else 0
             if keep_from > max_len:
                 raise SampleError(name, index, f"{L} tokens > max_length {max_len} and its last vision block ends "
-                                               f"at token {keep_from}; text-only truncation cannot fit it", "overlength")
+                                               f"at token {keep_from}; text-only truncation cannot fit it",
+                                  "overlength", where)
             input_ids, labels = input_ids[:max_len], labels[:max_len]
             if all(x == IGNORE_INDEX for x in labels):
                 raise SampleError(name, index, f"{L} tokens > max_length {max_len}; truncation leaves no "
-                                               "assistant token", "overlength")
+                                               "assistant token", "overlength", where)
             return input_ids, labels
-        raise SampleError(name, index, f"{L} tokens > max_length {max_len} (dropped)", "overlength")
+        raise SampleError(name, index, f"{L} tokens > max_length {max_len} (dropped)", "overlength", where)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # a single item needs no copy
 
 
-def _process_or_skip(processor: SampleProcessor, record, dc, index) -> dict | Skipped:
+def _process_or_skip(processor: SampleProcessor, record, dc, index, where: str) -> dict | Skipped:
     try:
-        return processor(record, dc, index)
+        return processor(record, dc, index, where=where)
     except SampleError as e:
-        log.warning("skipping %s sample %d: %s", e.dataset, e.index, e.reason)
-        return Skipped(e.dataset, e.index, e.reason, e.kind)
+        skipped = Skipped(e.dataset, e.index, e.reason, e.kind, e.where)
+        log.warning("skipping %s", skipped)
+        return skipped
 
 
 def mix_order(lengths: list[int], weights: list[float], seed: int) -> list[tuple[int, int]]:
@@ -188,12 +196,8 @@ class MixedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict | Skipped:
         d, row = self.order[i]
-        dc = self.datasets[d]
-        try:
-            record = self.sources[d].record(row)
-        except BadInput as e:
-            record = e
-        return _process_or_skip(self.processor, record, dc, row)
+        record, where = self.sources[d].get(row)
+        return _process_or_skip(self.processor, record, self.datasets[d], row, where)
 
 
 class StreamingMixedDataset(torch.utils.data.IterableDataset):
@@ -220,12 +224,12 @@ class StreamingMixedDataset(torch.utils.data.IterableDataset):
         while live:
             d = rng.choices(live, weights=[self.datasets[i].weight for i in live])[0]
             try:
-                index, record = next(iters[d])
+                index, record, where = next(iters[d])
             except StopIteration:
                 live.remove(d)
                 continue
             if step % nw == wid:
-                yield _process_or_skip(self.processor, record, self.datasets[d], index)
+                yield _process_or_skip(self.processor, record, self.datasets[d], index, where)
             step += 1
 
 
@@ -285,11 +289,22 @@ class SkipCounter:
                 self.examples.append(s)
         total = self.bad + self.overlength
         if total and total / max(self.seen, self.min_samples) > self.max_fraction:
-            shown = "\n".join(f"  {s.dataset} sample {s.index}: {s.reason}" for s in self.examples[:10])
+            shown = "\n".join(f"  {s}" for s in self.examples[:10])
             raise TooManySkipped(
                 f"stopping: {total} of {self.seen} samples skipped ({self.bad} bad, {self.overlength} over max_length), "
                 f"more than data.max_skip_fraction={self.max_fraction}. Run `vlft data check` on the config. "
                 f"First skipped:\n{shown}")
+
+
+def skip_summary(seen: int, bad: int, overlength: int, examples: list[Skipped], shown: int = 3) -> str:
+    """The end-of-run line on skipped samples: how many, of which kind, and the first few with their reasons."""
+    if not bad and not overlength:
+        return f"samples: {seen} read, none skipped"
+    lines = [f"samples: {seen} read, {bad + overlength} skipped ({bad} bad, {overlength} over max_length); first:"]
+    lines += [f"  {s}" for s in examples[:shown]]
+    if bad + overlength > shown:
+        lines.append("  ... (`vlft data check CONFIG` lists them all)")
+    return "\n".join(lines)
 
 
 def iterate_batches(loader: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:

@@ -1,19 +1,22 @@
 """Dataset files and record formats.
 
 Files are read with the `datasets` library: .jsonl (and .json holding JSON lines) as text lines parsed one record at a
-time, so one invalid line is one bad sample rather than a failed load; .json holding a list; .parquet. Each record is
-turned into a list of `Message`s:
+time, so one invalid line (bad JSON, bytes that are not UTF-8) is one bad sample rather than a failed load; .json
+holding a list; .parquet. Every record knows where it came from ("train.jsonl line 7"), for messages. A dataset file
+with no record is an error naming the file. Each record is turned into a list of `Message`s:
 
 - LLaVA / Qwen-finetune: {"image": path or [paths], "video": path or [paths], "conversations": [{"from":
   "system"|"human"|"gpt", "value": "...<image>...<video>..."}]}; each placeholder takes the next file.
 - messages: {"messages": [{"role": "system"|"user"|"assistant", "content": str or [{"type": "image", "image": path,
   "max_pixels": ...}, {"type": "video", "video": path or [frame paths], "fps": 1.0}, {"type": "text", "text": ...}]}]}
 
-Media paths are resolved against the dataset's media_root; a path that leaves it (.., absolute, symlink) is refused.
+Media paths are resolved against the dataset's media_root; a path that leaves it (.., absolute, symlink) is refused,
+and so is every frame of a video given as a folder of frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +25,7 @@ from typing import Any, Iterator
 
 from vlft.data.errors import BadInput
 from vlft.data.template import Media, Message
+from vlft.data.video import frame_files
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
@@ -58,7 +62,10 @@ def _as_list(value: Any) -> list:
 def _video_source(value: Any, resolve: MediaResolver) -> Any:
     if isinstance(value, (list, tuple)):
         return [resolve(v) for v in value]
-    return resolve(value)
+    path = resolve(value)
+    if path.is_dir():  # a folder of frames: each frame is confined too (a frame may be a symlink to elsewhere)
+        return [resolve(str(frame)) for frame in frame_files(path)]
+    return path
 
 
 def detect_format(record: dict) -> str:
@@ -154,7 +161,8 @@ def to_messages(record: Any, fmt: str, resolve: MediaResolver) -> list[Message]:
 
 # ---------------------------------------------------------------------------------------------------- reading files
 
-def _files(path: str) -> list[str]:
+def dataset_files(path: str) -> list[str]:
+    """The files of one dataset (a file, a folder of .json/.jsonl/.parquet, or a glob); missing or empty is an error."""
     p = Path(path)
     if p.is_dir():
         files = sorted(str(f) for f in p.iterdir() if f.suffix in (".json", ".jsonl", ".parquet"))
@@ -166,6 +174,9 @@ def _files(path: str) -> list[str]:
         files = [path] if p.is_file() else []
     if not files:
         raise FileNotFoundError(f"dataset file not found: {path}")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise BadInput(f"dataset file {f} is empty (no records)")
     return files
 
 
@@ -173,7 +184,7 @@ def _kind(files: list[str]) -> str:
     if all(f.endswith(".parquet") for f in files):
         return "parquet"
     if any(f.endswith(".parquet") for f in files):
-        raise ValueError(f"cannot mix parquet and json files in one dataset: {files}")
+        raise BadInput(f"cannot mix parquet and json files in one dataset: {files}")
     if len(files) == 1 and files[0].endswith(".json"):
         with open(files[0], "rb") as fh:
             head = fh.read(4096).lstrip()
@@ -182,68 +193,142 @@ def _kind(files: list[str]) -> str:
     return "lines"
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No "Generating train split" progress bars while local files are read (they say nothing about the data)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+# Bytes that are not UTF-8 reach the JSON parser as the four characters \xNN (Python's "backslashreplace"), which
+# no valid JSON holds outside an escaped backslash, so such a line fails to parse at exactly that point.
+NOT_UTF8 = re.compile(r"\\x[89a-f][0-9a-f]")
+
+
+def parse_json_line(text: str) -> Any:
+    """One JSON record from one line of text; BadInput saying what is wrong and at which column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if NOT_UTF8.match(text, e.pos):
+            raise BadInput(f"not valid UTF-8: byte 0x{text[e.pos + 2:e.pos + 4]} at column {e.colno} "
+                           "(re-save the file as UTF-8)") from None
+        raise BadInput(f"invalid JSON: {e}") from None
+
+
 class RecordSource:
     """Random access to the raw records of one dataset (map-style), or iteration (streaming).
 
-    `record(i)` returns the i-th record as a dict or raises BadInput (e.g. an invalid JSON line); `line(i)` says where
-    it is in the file, for messages.
+    `get(i)` returns (the i-th record as a dict, or the BadInput that makes it unusable, e.g. an invalid JSON line;
+    where it is, e.g. "data/train.jsonl line 7"). Iteration yields (index, record or BadInput, where) in file order.
     """
 
     def __init__(self, path: str, streaming: bool = False):
+        self.path, self.streaming = path, streaming
+        self.files = dataset_files(path)
+        self.kind = _kind(self.files)
+        with quiet_datasets():
+            if self.kind == "json_list":
+                self.ds = self._json_list()
+            elif self.kind == "lines":
+                self.ds = self._lines()
+            else:
+                import datasets
+
+                self.ds = datasets.load_dataset("parquet", data_files=self.files, split="train", streaming=streaming)
+        if not streaming and len(self.ds) == 0:
+            raise BadInput(f"dataset {path} holds no records")
+
+    def _json_list(self):
         import datasets
 
-        self.path, self.streaming = path, streaming
-        files = _files(path)
-        self.kind = _kind(files)
-        if self.kind == "json_list":
-            try:
-                records = json.loads(Path(files[0]).read_text())
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{files[0]} is not valid JSON: {e}") from None
-            if not isinstance(records, list):
-                raise BadInput(f"{files[0]}: expected a JSON list of records")
-            # keep each record as a JSON string: records of one file may have different shapes (Arrow would reject)
-            data = {"text": [json.dumps(r) for r in records], "line": list(range(len(records)))}
-            self.ds = datasets.Dataset.from_dict(data)
-            if streaming:
-                self.ds = self.ds.to_iterable_dataset()
-        elif self.kind == "lines":
-            self.ds = datasets.load_dataset("text", data_files=files, split="train", streaming=streaming)
-            if not streaming:
-                self.ds = self.ds.add_column("line", list(range(1, len(self.ds) + 1)))
-                blank = [i for i, t in enumerate(self.ds["text"]) if not t.strip()]
-                if blank:
-                    keep = sorted(set(range(len(self.ds))) - set(blank))
-                    self.ds = self.ds.select(keep)
-        else:
-            self.ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+        file = self.files[0]
+        try:
+            records = json.loads(Path(file).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(records, list):
+            raise BadInput(f"{file}: expected a JSON list of records")
+        if not records:
+            raise BadInput(f"dataset file {file} is empty (an empty list)")
+        # keep each record as a JSON string: records of one file may have different shapes (Arrow would reject)
+        ds = datasets.Dataset.from_dict({"text": [json.dumps(r) for r in records], "item": list(range(len(records)))})
+        return ds.to_iterable_dataset() if self.streaming else ds
+
+    def _lines(self):
+        """One `datasets` text table per file (a line number is counted per file), blank lines left out."""
+        import datasets
+
+        parts = []
+        for k, file in enumerate(self.files):
+            # a byte that is not UTF-8 must not fail the whole file: it is kept visible and fails its own line
+            ds = datasets.load_dataset("text", data_files=[file], split="train", streaming=self.streaming,
+                                       encoding="utf-8", encoding_errors="backslashreplace")
+            if self.streaming:
+                parts.append(ds)
+                continue
+            n = len(ds)
+            ds = ds.add_column("line", list(range(1, n + 1))).add_column("file", [k] * n)
+            keep = [i for i, t in enumerate(ds["text"]) if t.strip()]
+            if not keep:
+                raise BadInput(f"dataset file {file} is empty (only blank lines)")
+            parts.append(ds.select(keep) if len(keep) < n else ds)
+        if self.streaming:
+            return parts
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def _decode(self, row: dict) -> dict:
-        if self.kind == "parquet":
-            return row
+        return row if self.kind == "parquet" else parse_json_line(row["text"])
+
+    def _where(self, row: dict, i: int) -> str:
+        if self.kind == "lines":
+            return f"{self.files[row['file']]} line {row['line']}"
+        if self.kind == "json_list":
+            return f"{self.files[0]}[{row['item']}]"
+        return f"{self.path} row {i}"
+
+    def get(self, i: int) -> tuple[dict | BadInput, str]:
+        row = self.ds[i]
         try:
-            return json.loads(row["text"])
-        except json.JSONDecodeError as e:
-            where = f" (line {row['line']})" if "line" in row else ""
-            raise BadInput(f"invalid JSON{where}: {e}") from None
+            record = self._decode(row)
+        except BadInput as e:
+            record = e
+        return record, self._where(row, i)
 
     def record(self, i: int) -> dict:
-        return self._decode(self.ds[i])
+        record, _ = self.get(i)
+        if isinstance(record, BadInput):
+            raise record
+        return record
 
-    def line(self, i: int) -> int | None:
-        return self.ds[i].get("line") if self.kind == "lines" else None
+    def _rows(self) -> Iterator[dict]:
+        """Rows in file order, with their line numbers (streaming counts them as it reads)."""
+        if not (self.streaming and self.kind == "lines"):
+            yield from self.ds
+            return
+        for k, part in enumerate(self.ds):
+            for line, row in enumerate(part, start=1):
+                yield {**row, "line": line, "file": k}
 
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        """(index, record or BadInput) in file order; works for streaming sources."""
+    def __iter__(self) -> Iterator[tuple[int, Any, str]]:
+        """(index, record or BadInput, where) in file order; works for streaming sources."""
         n = 0
-        for row in self.ds:
+        for row in self._rows():
             if self.kind == "lines" and not row["text"].strip():
                 continue
             try:
-                yield n, self._decode(row)
+                record = self._decode(row)
             except BadInput as e:
-                yield n, e
+                record = e
+            yield n, record, self._where(row, n)
             n += 1

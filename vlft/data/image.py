@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlft.data.errors import BadInput
 
@@ -28,6 +29,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Hub limits (sheet 2.1). vlft's fine-tuning default (DataConfig.max_pixels) is much lower: see vlft/data/config.py.
 HUB_MIN_PIXELS = 4 * FACTOR * FACTOR  # 3136
 HUB_MAX_PIXELS = 16384 * FACTOR * FACTOR  # 12845056
+
+# The largest image decoded (width x height as stored in the file): 128 Mpx, 384 MiB as RGB. Checked from the header
+# before any pixel is decoded, so a decompression bomb (a small file claiming a huge size) never allocates; larger
+# images are bad samples. PIL refuses above twice its own Image.MAX_IMAGE_PIXELS (about 179 Mpx) whatever is set here.
+MAX_DECODE_PIXELS = 128 * 2**20
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 
@@ -64,8 +70,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """Open (fully decode) an image file or take a PIL image; RGB out. Data problems raise BadInput."""
+def check_decode_size(width: int, height: int, max_decode_pixels: int, what: str) -> None:
+    """Refuse a picture or frame larger than the decode ceiling, from its header size (nothing decoded yet)."""
+    if width * height > max_decode_pixels:
+        raise BadInput(f"{what} is {width}x{height} = {width * height:,} pixels, over the decode ceiling "
+                       f"data.max_decode_pixels={max_decode_pixels:,} (a decompression bomb or a huge scan; shrink "
+                       "it or raise the ceiling)")
+
+
+def load_image(image: ImageLike, max_decode_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Open (fully decode) an image file or take a PIL image; RGB out. Data problems raise BadInput.
+
+    A file is decoded only when its header size is within `max_decode_pixels`."""
     if isinstance(image, Image.Image):
         img = image
     else:
@@ -73,10 +89,17 @@ def load_image(image: ImageLike) -> Image.Image:
         if not path.is_file():
             raise BadInput(f"image file not found: {path}")
         try:
-            with Image.open(path) as f:
-                f.load()
-                img = f.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            with warnings.catch_warnings():  # PIL warns above its own limit; the ceiling here is the one that counts
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as f:  # reads the header only
+                    check_decode_size(f.width, f.height, max_decode_pixels, f"image {path}")
+                    f.load()
+                    img = f.copy()
+        except Image.DecompressionBombError as e:  # PIL's own refusal, raised from the header as well
+            raise BadInput(f"image {path} is too large to decode safely: {e}") from None
+        except BadInput:
+            raise
+        except Exception as e:  # decoders raise many kinds of errors on damaged files (OSError, ValueError, ...)
             raise BadInput(f"cannot read image {path}: {e}") from None
     if img.width == 0 or img.height == 0:
         raise BadInput(f"empty image ({img.width}x{img.height})")
@@ -135,10 +158,11 @@ def patchify(frames_TCHW: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def process_image(
-    image: ImageLike, min_pixels: int = HUB_MIN_PIXELS, max_pixels: int = HUB_MAX_PIXELS
+    image: ImageLike, min_pixels: int = HUB_MIN_PIXELS, max_pixels: int = HUB_MAX_PIXELS,
+    max_decode_pixels: int = MAX_DECODE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image -> (pixel_values [N, 1176] float32, image_grid_thw [1, 3] int64); N = gh*gw patches, N/4 tokens."""
-    img = load_image(image)
+    img = load_image(image, max_decode_pixels)
     h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
     frame = resize_rgb(img, h, w)  # [h, w, 3] uint8
     frames = np.broadcast_to(frame[None], (TEMPORAL_PATCH_SIZE, *frame.shape))  # a still image fills both slices

@@ -28,10 +28,10 @@ import torch
 
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError
-from vlft.data.formats import RecordSource, _files
-from vlft.data.image import FACTOR, TEMPORAL_PATCH_SIZE, smart_resize
+from vlft.data.formats import RecordSource, dataset_files
+from vlft.data.image import FACTOR, MAX_DECODE_PIXELS, TEMPORAL_PATCH_SIZE, check_decode_size, smart_resize
 from vlft.data.template import media_of
-from vlft.data.video import FPS, IMAGE_SUFFIXES, _open, frame_budget, smart_nframes
+from vlft.data.video import FPS, _open, frame_budget, frame_files, smart_nframes
 
 INDEX_VERSION = 1
 UNMEASURABLE = -1  # a sample whose length could not be measured (it will be skipped when read)
@@ -54,9 +54,11 @@ def _image_size(source: Any) -> tuple[int, int]:
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 
-def image_tokens(source: Any, min_pixels: int, max_pixels: int) -> int:
+def image_tokens(source: Any, min_pixels: int, max_pixels: int, max_decode_pixels: int = MAX_DECODE_PIXELS) -> int:
     """Merged tokens of a picture, as `process_image` would give them."""
-    h, w = smart_resize(*_image_size(source), min_pixels, max_pixels)
+    h, w = _image_size(source)
+    check_decode_size(w, h, max_decode_pixels, f"image {source}")
+    h, w = smart_resize(h, w, min_pixels, max_pixels)
     return (h // FACTOR) * (w // FACTOR)
 
 
@@ -95,19 +97,19 @@ def _listed_frames(frames: list, fps, nframes, frames_fps, max_frames) -> tuple[
 
 
 def video_tokens(source: Any, fps=None, nframes=None, min_frames=4, max_frames=64, min_pixels=0, max_pixels=0,
-                 total_pixels=0, start=None, end=None, frames_fps=None) -> int:
+                 total_pixels=0, start=None, end=None, frames_fps=None, max_decode_pixels=MAX_DECODE_PIXELS) -> int:
     """Merged tokens of a video, as `process_video` would give them (same arguments)."""
     if isinstance(source, (list, tuple)):
         n, h, w = _listed_frames(list(source), fps, nframes, frames_fps, max_frames)
     else:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            n, h, w = _listed_frames(files, fps, nframes, frames_fps, max_frames)
+            n, h, w = _listed_frames(frame_files(path), fps, nframes, frames_fps, max_frames)
         elif not path.is_file():
             raise BadInput(f"video file not found: {path}")
         else:
             n, h, w = _file_frames(path, fps, nframes, min_frames, max_frames, start, end)
+    check_decode_size(w, h, max_decode_pixels, f"a frame of video {source}")
     lo, hi = frame_budget(n, min_pixels, max_pixels, total_pixels)
     rh, rw = smart_resize(h, w, lo, hi)
     return n // TEMPORAL_PATCH_SIZE * (rh // FACTOR) * (rw // FACTOR)
@@ -118,8 +120,11 @@ def sample_length(processor, record: Any, dc: DatasetConfig, index: int) -> int:
     UNMEASURABLE: it cannot be read and will be skipped). `processor` is the dataset's SampleProcessor."""
     try:
         messages = processor.messages(record, dc)
-        tokens = [image_tokens(m.source, **processor.image_options(m, dc)) if m.kind == "image"
-                  else video_tokens(m.source, **processor.video_options(m, dc)) for m in media_of(messages)]
+        ceiling = processor.cfg.max_decode_pixels
+        tokens = [image_tokens(m.source, **processor.image_options(m, dc), max_decode_pixels=ceiling)
+                  if m.kind == "image" else video_tokens(m.source, **processor.video_options(m, dc),
+                                                         max_decode_pixels=ceiling)
+                  for m in media_of(messages)]
         input_ids, labels = processor.encode(messages, tokens)
         input_ids, _ = processor.fit(input_ids, labels, "", index)
     except BadInput:
@@ -132,11 +137,11 @@ def sample_length(processor, record: Any, dc: DatasetConfig, index: int) -> int:
 # ---------------------------------------------------------------------------------------------- a whole file
 def fingerprint(cfg: DataConfig, dc: DatasetConfig, tokenizer) -> str:
     """What the lengths of one dataset depend on, hashed."""
-    files = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in _files(dc.path)]
+    files = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in dataset_files(dc.path)]
     settings = {k: getattr(cfg, k) for k in ("min_pixels", "max_pixels", "video_fps", "video_min_frames",
                                              "video_max_frames", "video_min_pixels", "video_max_pixels",
                                              "video_total_pixels", "max_length", "overlength", "last_turn_only",
-                                             "system_prompt")}
+                                             "system_prompt", "max_decode_pixels")}
     per_dataset = {k: getattr(dc, k) for k in ("format", "media_root", "min_pixels", "max_pixels",
                                                "video_min_pixels", "video_max_pixels", "video_total_pixels",
                                                "video_fps", "video_max_frames")}
@@ -163,10 +168,7 @@ class _Measure(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, row: int) -> int:
-        try:
-            record = self.source.record(row)
-        except BadInput as e:
-            record = e
+        record, _ = self.source.get(row)  # a bad line comes back as its BadInput
         return sample_length(self.processor, record, self.dc, row)
 
 

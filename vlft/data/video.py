@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from vlft.data.errors import BadInput
-from vlft.data.image import FACTOR, TEMPORAL_PATCH_SIZE, load_image, patchify_normalize, resize_rgb, smart_resize
+from vlft.data.image import (FACTOR, MAX_DECODE_PIXELS, TEMPORAL_PATCH_SIZE, check_decode_size, load_image,
+                             patchify_normalize, resize_rgb, smart_resize)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ def _sample_indices(first: int, last: int, n: int) -> list[int]:
     return np.linspace(first, last, n).round().astype(np.int64).tolist()
 
 
+def frame_files(folder: Path) -> list[Path]:
+    """The frames of a video given as a folder: its image files, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _open(path: Path):
     import av
 
@@ -88,11 +94,12 @@ def _open(path: Path):
     return container
 
 
-def _read_file(path: Path, fps, nframes, min_frames, max_frames, start, end):
+def _read_file(path: Path, fps, nframes, min_frames, max_frames, start, end, max_decode_pixels):
     """Decode only the sampled frames, seeking forward where the gap is large. Returns (PIL frames, VideoInfo)."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
+        check_decode_size(stream.width, stream.height, max_decode_pixels, f"a frame of video {path}")
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
@@ -149,7 +156,7 @@ def _read_file(path: Path, fps, nframes, min_frames, max_frames, start, end):
     return frames, VideoInfo(indices, total, video_fps, sample_fps, TEMPORAL_PATCH_SIZE / sample_fps)
 
 
-def _read_frames(frames: Sequence, fps, nframes, frames_fps, max_frames):
+def _read_frames(frames: Sequence, fps, nframes, frames_fps, max_frames, max_decode_pixels):
     """Frames given as images. Without nframes/frames_fps every frame is kept (the frames are taken to be 1/fps s
     apart); with them, frames are sampled as from a file whose rate is frames_fps (default fps)."""
     total = len(frames)
@@ -166,7 +173,7 @@ def _read_frames(frames: Sequence, fps, nframes, frames_fps, max_frames):
     sample_fps = len(indices) / total * video_fps
     if len(indices) % TEMPORAL_PATCH_SIZE:  # an odd count: repeat the last frame (it covers no new time)
         indices.append(indices[-1])
-    loaded = {i: load_image(frames[i]) for i in sorted(set(indices))}
+    loaded = {i: load_image(frames[i], max_decode_pixels) for i in sorted(set(indices))}
     return [loaded[i] for i in indices], VideoInfo(indices, total, video_fps, sample_fps, TEMPORAL_PATCH_SIZE / sample_fps)
 
 
@@ -184,6 +191,7 @@ def process_video(
     frames_fps: float | None = None,
     tokens_per_second: float = 2.0,
     return_info: bool = False,
+    max_decode_pixels: int = MAX_DECODE_PIXELS,
 ):
     """A video -> (pixel_values_videos [t*gh*gw, 1176] float32, video_grid_thw [1, 3] int64, second_per_grid_ts
     [1] float32), plus a VideoInfo when return_info.
@@ -191,18 +199,18 @@ def process_video(
     fps or nframes choose how many frames are kept (sheet 3.1), start/end (seconds) restrict a file to a range.
     second_per_grid_ts = 2 / (frames kept / frames in range * source fps). A warning is logged when that interval
     times tokens_per_second is below 1, i.e. consecutive temporal groups would share a time position id.
+    Frames larger than `max_decode_pixels` (from the header) make the video a bad input before anything is decoded.
     """
     if isinstance(video, (list, tuple)):
-        frames, info = _read_frames(video, fps, nframes, frames_fps, max_frames)
+        frames, info = _read_frames(video, fps, nframes, frames_fps, max_frames, max_decode_pixels)
     else:
         path = Path(video)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            frames, info = _read_frames(files, fps, nframes, frames_fps, max_frames)
+            frames, info = _read_frames(frame_files(path), fps, nframes, frames_fps, max_frames, max_decode_pixels)
         elif not path.is_file():
             raise BadInput(f"video file not found: {path}")
         else:
-            frames, info = _read_file(path, fps, nframes, min_frames, max_frames, start, end)
+            frames, info = _read_file(path, fps, nframes, min_frames, max_frames, start, end, max_decode_pixels)
 
     lo, hi = frame_budget(len(frames), min_pixels, max_pixels, total_pixels)
     h, w = smart_resize(frames[0].height, frames[0].width, lo, hi)
