@@ -35,15 +35,17 @@ from vlft.checkpoint import (check_run_folder, checkpoint_name, claim_run_folder
                              write_inference_files)
 from vlft.config import ExperimentConfig, check_inputs, dump_yaml, load_experiment, to_dict
 from vlft.data.dataset import skip_summary
-from vlft.data.sampler import PlanSettings, fill, micro_steps, plan_epoch, rank_share
+from vlft.data.lengths import dataset_lengths, epoch_lengths
+from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
                               reduce_sum, to_device)
+from vlft.errors import UserError
 from vlft.optim import build_optimizer, build_scheduler
 from vlft.tracking import Tracker, format_metrics
 
 
-class TooManyBadSteps(RuntimeError):
-    """Several optimizer steps in a row had a NaN or inf loss."""
+class TooManyBadSteps(UserError, RuntimeError):
+    """Several optimizer steps in a row had a NaN or inf loss (a learning rate or data problem to fix)."""
 
 
 @dataclass
@@ -66,12 +68,13 @@ class Setup:
     total_steps: int
     out_dir: Path
     folder_verdict: str
+    plan_note: str = ""
     run_id: str = ""
     tracker: Any = None
     progress: Any = None
+    stream: Any = None
     last_batch: dict | None = None  # the last usable training batch (host), stand-in for batches left empty
     stop: list[int] = field(default_factory=list)  # signals received (SIGTERM/SIGINT)
-    handlers: dict = field(default_factory=dict)  # signal handlers to put back at the end
 
     @property
     def world(self) -> int:
@@ -104,8 +107,8 @@ def build(cfg: ExperimentConfig) -> Setup:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_id
     collate = Collator(model_config, pad_id, packing=cfg.data.packing, max_length=cfg.data.max_length)
     skips = SkipCounter(cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples)
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * _steps_per_epoch(cfg, plan, train_ds, lengths,
-                                                                                      accelerator.num_processes))
+    per_epoch, plan_note = _steps_per_epoch(cfg, plan, train_ds, lengths, accelerator.num_processes)
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
 
     torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
     dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
@@ -125,7 +128,7 @@ def build(cfg: ExperimentConfig) -> Setup:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Setup(cfg, accelerator, model, optimizer, scheduler, train_ds, eval_ds, lengths, collate, skips, tokenizer,
-                 model_config, plan, total_steps, out_dir, verdict)
+                 model_config, plan, total_steps, out_dir, verdict, plan_note=plan_note)
 
 
 def _model_config(cfg: ExperimentConfig):
@@ -139,31 +142,20 @@ def _model_config(cfg: ExperimentConfig):
 def _length_index(cfg: ExperimentConfig, accelerator, train_ds) -> list[list[int]]:
     """Token counts of every row of every training dataset, measured once per node (by its first process, in
     parallel DataLoader workers) and cached; the other processes read the cache."""
-    from vlft.data.lengths import load_or_measure
-
-    def load(write: bool) -> list[list[int]]:
-        return [load_or_measure(src, train_ds.processor, cfg.data, dc, cfg.data.num_workers, write).tolist()
-                for src, dc in zip(train_ds.sources, train_ds.datasets)]
-
-    lengths = load(write=True) if accelerator.is_local_main_process else None
+    lengths = dataset_lengths(train_ds, cfg.data.num_workers) if accelerator.is_local_main_process else None
     accelerator.wait_for_everyone()
-    return lengths if lengths is not None else load(write=False)
+    return lengths if lengths is not None else dataset_lengths(train_ds, write=False)
 
 
-def _epoch_lengths(train_ds, lengths: list[list[int]] | None) -> list[int]:
-    """Token counts in the order of the dataset's current epoch (zeros when no index is needed)."""
-    if lengths is None:
-        return [0] * len(train_ds)
-    return [lengths[d][row] for d, row in train_ds.order]
-
-
-def _steps_per_epoch(cfg, plan: PlanSettings, train_ds, lengths, world: int) -> int:
+def _steps_per_epoch(cfg, plan: PlanSettings, train_ds, lengths, world: int) -> tuple[int, str]:
+    """Optimizer steps in an epoch (from epoch 0's plan) and a line that says what a micro-batch holds."""
     train_ds.set_epoch(0)
-    n = micro_steps(plan_epoch(_epoch_lengths(train_ds, lengths), plan, 0), 0, world)
-    if n == 0:
-        raise ValueError(f"{len(train_ds)} training samples cannot fill one micro-batch on each of {world} ranks "
-                         f"(train.micro_batch_size={cfg.train.micro_batch_size})")
-    return max(1, n // cfg.train.gradient_accumulation)
+    in_order = epoch_lengths(train_ds, lengths)
+    micro_batches = plan_epoch(in_order, plan, 0)
+    steps, note = describe(micro_batches, in_order, plan, world, cfg.train.gradient_accumulation)
+    if steps == 0:
+        raise UserError(f"{len(train_ds)} training samples cannot fill one optimizer step ({note})")
+    return steps, note
 
 
 # ======================================================================================================= data
@@ -188,11 +180,16 @@ class DataStream:
         self.s, self.position = s, dict(position)
         self._batches = self._iterate()
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now. They ignore SIGTERM (see `_worker_init`), so they must be shut down through
+        their queues before the process exits, or the exit would wait for them forever."""
+        self._batches.close()  # the loader's iterator goes with the generator's frame; its __del__ stops the workers
+
     def _iterate(self) -> Iterator[tuple[dict, dict]]:
         s, (epoch, index, start) = self.s, (self.position[k] for k in ("epoch", "index", "start"))
         while True:
             s.train_ds.set_epoch(epoch)  # the dataset reshuffles from data.seed + epoch: the same order on every rank
-            plan = plan_epoch(_epoch_lengths(s.train_ds, s.lengths), s.plan, epoch, start)
+            plan = plan_epoch(epoch_lengths(s.train_ds, s.lengths), s.plan, epoch, start)
             share = rank_share(plan, index, s.world, s.accelerator.process_index)
             for k, batch in enumerate(_loader(s, s.train_ds, share, s.cfg.train.seed + epoch)):
                 yield batch, {"epoch": epoch, "index": index + (k + 1) * s.world, "start": start, "plan": plan}
@@ -391,6 +388,7 @@ def resume(s: Setup) -> dict:
         s.run_id = run_id_of(s.out_dir)
     s.tracker = Tracker(cfg.logging, s.out_dir, to_dict(cfg), enabled=acc.is_main_process)
     s.tracker.console(format_report(trainable_report(s.model)))
+    s.tracker.console(s.plan_note)
     state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0,
              "last_saved": -1, "position": {"epoch": 0, "index": 0, "start": 0, "plan": []}}
     if resume_from is None:
@@ -416,15 +414,18 @@ def resume(s: Setup) -> dict:
 
 # ======================================================================================================= the run
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
-    s = build(cfg)
+    stop: list[int] = []
+    # from the very start: a signal while a large model loads ends the run cleanly once it is set up
+    handlers = catch_stop_signals(stop) if cfg.checkpoint.save_on_signal else {}
+    s = None
     try:
+        s = build(cfg)
+        s.stop = stop
         state = resume(s)
-        if cfg.checkpoint.save_on_signal:  # finish the step, checkpoint, exit cleanly
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                s.handlers[sig] = signal.signal(sig, lambda signum, frame: s.stop.append(signum))
         s.progress = tqdm(total=s.total_steps, initial=state["step"], dynamic_ncols=True,
                           disable=not (s.accelerator.is_main_process and cfg.logging.progress_bar))
-        stream, history, status = DataStream(s, state["position"]), [], "completed"
+        s.stream = stream = DataStream(s, state["position"])
+        history, status = [], "completed"
         s.model.train()
         window, pending = None, None
         while True:
@@ -462,16 +463,29 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                 "checkpoint": str(path), "state": {k: v for k, v in state.items() if k != "position"},
                 "deepspeed": is_deepspeed(s.accelerator)}
     finally:
-        teardown(s)
+        teardown(s, handlers)
 
 
-def teardown(s: Setup) -> None:
+def catch_stop_signals(stop: list[int]) -> dict:
+    """SIGTERM/SIGINT ask the run to finish its step, write a checkpoint and exit 0 (the loop polls `stop` in its
+    one all-reduce per step, so every rank stops at the same step). A second Ctrl-C aborts at once."""
+    def handler(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def teardown(s: Setup | None, handlers: dict) -> None:
     """Undo what a run installed, whatever ended it: signal handlers, progress bar, trackers."""
-    for sig, handler in s.handlers.items():
+    for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    if s.progress is not None:
+    if s is not None and s.stream is not None:
+        s.stream.close()
+    if s is not None and s.progress is not None:
         s.progress.close()
-    if s.tracker is not None:
+    if s is not None and s.tracker is not None:
         s.tracker.close()
 
 
@@ -498,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["status"] in ("completed", "interrupted") else 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # under `accelerate launch`: the same error policy as `vlft train`
+    from vlft.cli import run_command
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(run_command("recipes/sft.py", main, sys.argv[1:]))

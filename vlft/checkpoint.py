@@ -46,15 +46,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vlft.errors import UserError
+
 MARKER = "COMPLETE"
 RUN_FILE = "run.json"
 _NAME = re.compile(r"checkpoint-(\d+)$")
 # What a vlft run writes at the top of its folder; `train.overwrite_output_dir` removes exactly these.
 RUN_ENTRIES = re.compile(r"(checkpoint-\d+|\.tmp-checkpoint-\d+|run\.json|config\.yaml|metrics\.jsonl|tensorboard|"
                          r"wandb)$")
+EVAL_OUTPUT = re.compile(r"eval-.+$")  # `vlft eval` results beside the checkpoints: kept, never deleted by a run
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """The output folder cannot be used for this run; the message says what to change."""
 
 
@@ -98,7 +101,7 @@ def check_run_folder(output_dir: str | Path, resume: str | None, overwrite: bool
     entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     if not entries:
         return "new"
-    foreign = [e for e in entries if not RUN_ENTRIES.match(e)]
+    foreign = [e for e in entries if not (RUN_ENTRIES.match(e) or EVAL_OUTPUT.match(e))]
     is_run = (root / RUN_FILE).is_file() or (root / "config.yaml").is_file() and any(_NAME.match(e) for e in entries)
     if foreign or not is_run:
         raise RunFolderError(

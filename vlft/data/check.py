@@ -3,7 +3,9 @@
 CONFIG is an experiment YAML (its `data:` section is used, other sections ignored) or a YAML holding only the data
 section; relative paths in it are relative to its folder, as for every command (vlft/config.py). Prints the sample
 count, text / visual / total tokens per sample (min, median, p95, max), how many samples exceed max_length, every bad
-sample with its file, line and reason, and seconds per sample. Exit status: 0 every sample is usable, 1 some sample is
+sample with its file, line and reason, seconds per sample, and the training batch plan (how full packed rows are and
+the optimizer steps per epoch, for `--processes` processes and the config's train.micro_batch_size and
+train.gradient_accumulation). Exit status: 0 every sample is usable, 1 some sample is
 bad (the report lists them), 2 the config or a file it names is wrong (nothing is checked).
 """
 
@@ -120,6 +122,24 @@ def run_check(cfg: DataConfig, tokenizer, out=None, limit: int | None = None) ->
     return 1 if bad else 0
 
 
+def plan_report(cfg: DataConfig, tokenizer, micro_batch_size: int, gradient_accumulation: int, processes: int,
+                out=None) -> str:
+    """The training batch plan of epoch 0, as the run will print it: how full packed rows are (real tokens / row
+    capacity) and the steps per epoch. Measures (and caches) the length index when packing or grouping needs it."""
+    from vlft.data import build_datasets
+    from vlft.data.lengths import dataset_lengths, epoch_lengths
+    from vlft.data.sampler import PlanSettings, describe, plan_epoch
+
+    settings = PlanSettings.from_config(cfg, micro_batch_size)
+    train, _ = build_datasets(cfg, tokenizer)
+    lengths = dataset_lengths(train, cfg.num_workers) if (settings.packing or settings.group_by_length) else None
+    train.set_epoch(0)
+    in_order = epoch_lengths(train, lengths)
+    _, line = describe(plan_epoch(in_order, settings, 0), in_order, settings, processes, gradient_accumulation)
+    print(line, file=out or sys.stdout)
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlft data", description="data tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("overrides", nargs="*", help="data.key=value overrides")
     c.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer, else the model path)")
     c.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
+    c.add_argument("--processes", type=int, default=1, help="training processes, for the steps per epoch (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the report lists problems; per-sample warnings would repeat them
     cfg, model = load_data_config(args.config, args.overrides)
@@ -137,4 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-    return run_check(cfg, tokenizer, limit=args.limit)
+    status = run_check(cfg, tokenizer, limit=args.limit)
+    if args.limit is None and cfg.datasets:
+        train = load_yaml(args.config).get("train") or {}
+        plan_report(cfg, tokenizer, int(train.get("micro_batch_size", 1)), int(train.get("gradient_accumulation", 1)),
+                    max(1, args.processes))
+    return status

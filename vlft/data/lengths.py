@@ -200,3 +200,16 @@ def load_or_measure(source: RecordSource, processor, cfg: DataConfig, dc: Datase
 def cached(cfg: DataConfig, dc: DatasetConfig, tokenizer) -> bool:
     """Whether the index of this dataset is already in the cache (no measuring needed)."""
     return (cache_dir(cfg) / "lengths" / f"{fingerprint(cfg, dc, tokenizer)}.npy").is_file()
+
+
+def dataset_lengths(dataset, num_workers: int = 0, write: bool = True) -> list[list[int]]:
+    """Lengths of every row of every source of a MixedDataset (cached, see `load_or_measure`)."""
+    return [load_or_measure(src, dataset.processor, dataset.cfg, dc, num_workers, write).tolist()
+            for src, dc in zip(dataset.sources, dataset.datasets)]
+
+
+def epoch_lengths(dataset, lengths: list[list[int]] | None) -> list[int]:
+    """Token counts in the order of the dataset's current epoch (zeros when no index was needed)."""
+    if lengths is None:
+        return [0] * len(dataset)
+    return [lengths[d][row] for d, row in dataset.order]

@@ -93,3 +93,17 @@ def fill(plan: list[list[int]], lengths: Sequence[int], max_length: int, micro_b
     for mb in plan:
         rows += len(pack_first_fit([max(0, int(lengths[p])) for p in mb], max_length)) if mb else 0
     return tokens / max(1, rows * max_length)
+
+
+def describe(plan: list[list[int]], lengths: Sequence[int], s: PlanSettings, world: int,
+             gradient_accumulation: int) -> tuple[int, str]:
+    """(optimizer steps of this epoch plan, a line saying what a micro-batch holds, how full packed rows are, and
+    how many micro-batches and steps an epoch makes). The training run and `vlft data check` both print it."""
+    steps = micro_steps(plan, 0, world) // gradient_accumulation
+    if s.packing:
+        held = (f"{s.micro_batch_size} packed row(s) of up to {s.max_length} tokens, "
+                f"{100 * fill(plan, lengths, s.max_length, s.micro_batch_size):.1f}% full")
+    else:
+        held = f"{s.micro_batch_size} sample(s)" + (", grouped by length" if s.group_by_length else "")
+    return steps, (f"batch plan: each micro-batch holds {held}; {len(plan)} micro-batches and {steps} optimizer "
+                   f"steps per epoch on {world} process(es) x {gradient_accumulation} accumulation")
