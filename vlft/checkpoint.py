@@ -61,6 +61,10 @@ class RunFolderError(UserError, ValueError):
     """The output folder cannot be used for this run; the message says what to change."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint to resume from is incomplete or unreadable; the message names the file."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
@@ -289,21 +293,24 @@ def _scheduler_state(scheduler: Any) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint cannot be resumed"
+        raise CheckpointError(f"{path} is missing: the checkpoint cannot be resumed"
                                 + (" (it was written by an older vlft, whose optimizer state is a pickle; vlft "
                                    "never loads pickles)" if (path.parent / "optimizer.pt").exists() else ""))
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def read_trainer_state(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "trainer_state.json"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable trainer state ({e})") from None
+        raise CheckpointError(f"{path} is not a readable trainer state ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a vlft trainer state (no step)")
+    return state
 
 
 def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, folder: str | Path) -> dict[str, Any]:
@@ -321,14 +328,14 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
     by_key = {k: n for n, k in keys.items()}
     extra = sorted(set(adapter) - set(by_key))
     if extra:
-        raise KeyError(f"{folder}: adapter weights that this model does not train: {extra[:5]} (were the lora or "
-                       "freeze settings changed?)")
+        raise CheckpointError(f"{folder}: adapter weights that this model does not train: {extra[:5]} (were the "
+                              "lora or freeze settings changed?)")
     load_trainable(accelerator, model, {by_key[k]: t for k, t in adapter.items()})
     optimizer_state = {}
     for key, t in _read_tensors(folder / "optimizer.safetensors").items():
         param_key, what = key.rsplit("/", 1)
         if param_key not in by_key:
-            raise KeyError(f"{folder}: optimizer state of {param_key}, which this model does not train")
+            raise CheckpointError(f"{folder}: optimizer state of {param_key}, which this model does not train")
         optimizer_state[f"{by_key[param_key]}/{what}"] = t
     load_optimizer_state(accelerator, model, optimizer, optimizer_state)
     sched = dict(scheduler.state_dict())

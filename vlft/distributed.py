@@ -16,6 +16,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
 from vlft.config import ExperimentConfig
+from vlft.errors import UserError
 
 # Batch keys that stay on the host: the model reads grids and packed-segment boundaries as Python numbers, and a
 # device copy would cost a device-to-host sync in the forward pass.
@@ -251,8 +252,8 @@ def load_trainable(accelerator: Accelerator, model: Any, weights: dict[str, torc
     missing = [n for n, _ in named if n not in weights]
     extra = sorted(set(weights) - {n for n, _ in named})
     if missing or extra:
-        raise KeyError(f"the checkpoint's trainable weights do not match the model: missing {missing[:5]}, "
-                       f"unexpected {extra[:5]} (were the lora/freeze settings changed?)")
+        raise UserError(f"the checkpoint's trainable weights do not match the model: missing {missing[:5]}, "
+                        f"unexpected {extra[:5]} (were the lora/freeze settings changed?)")
     if is_deepspeed(accelerator):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
@@ -279,7 +280,7 @@ def load_optimizer_state(accelerator: Accelerator, model: Any, optimizer: Any, s
     keys = sorted({k.rsplit("/", 1)[1] for k in state} - {"step"})
     missing = [f"{n}/{k}" for n, _ in named for k in keys + ["step"] if f"{n}/{k}" not in state]
     if missing:
-        raise KeyError(f"the checkpoint's optimizer state lacks {missing[:5]}")
+        raise UserError(f"the checkpoint's optimizer state lacks {missing[:5]}")
     step = max(float(state[f"{n}/step"]) for n, _ in named)
     if is_deepspeed(accelerator):
         from deepspeed.utils import safe_set_full_optimizer_state
