@@ -1,4 +1,5 @@
-"""Two CPU processes over gloo through `accelerate launch`: DDP, DeepSpeed ZeRO-2 and ZeRO-3 train the same steps.
+"""Two CPU processes over gloo through `accelerate launch`: DDP, DeepSpeed ZeRO-2 and ZeRO-3 train the same steps,
+and a ZeRO run checkpointed on 2 processes resumes on 1 process with twice the accumulation as if nothing changed.
 
 In every run rank 0's micro-batches are text-only and rank 1's hold an image and a video, the case where ZeRO-3
 hangs unless every rank runs the vision tower in every step. The three topologies must give the same per-step losses
@@ -18,7 +19,7 @@ import torch
 import yaml
 from test_train_helpers import REPO, free_port, tiny_config
 
-N_SAMPLES, STEPS = 12, 3
+N_SAMPLES, STEPS, SAVED = 12, 4, 2
 
 
 def _rank_split_kinds(seed: int) -> list[str]:
@@ -32,9 +33,10 @@ def _rank_split_kinds(seed: int) -> list[str]:
     return kinds
 
 
-def _launch(setup: str, cfg_path, timeout: int = 420) -> None:
+def _launch(setup: str, cfg_path, timeout: int = 420, processes: int = 2, *overrides: str) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), "recipes/sft.py", str(cfg_path)]
+           "--num_processes", str(processes), "--main_process_port", str(free_port()), "recipes/sft.py",
+           str(cfg_path), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{setup} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}"
@@ -61,7 +63,8 @@ def _outputs_with_adapter(ckpt) -> torch.Tensor:
 
 def _run(tmp_path, data, setup: str):
     cfg = tiny_config(tmp_path, data, train={"output_dir": str(tmp_path / setup), "max_steps": STEPS,
-                                             "micro_batch_size": 1, "gradient_accumulation": 2})
+                                             "micro_batch_size": 1, "gradient_accumulation": 2},
+                      checkpoint={"every": SAVED, "keep_last": 0})
     path = tmp_path / f"{setup}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _launch(setup, path, timeout=180 if setup == "zero3" else 420)
@@ -83,6 +86,13 @@ def test_ddp_zero2_and_zero3_agree(tmp_path):
     assert len(ddp_losses) == STEPS
     assert zero2_losses == pytest.approx(ddp_losses, abs=1e-4)
     assert zero3_losses == pytest.approx(ddp_losses, abs=1e-4)
+
+    # 2 processes x accumulation 2 -> 1 process x accumulation 4, from the checkpoint of step SAVED: the same steps
+    for setup, losses in (("zero2", zero2_losses), ("zero3", zero3_losses)):
+        out = tmp_path / f"{setup}-1proc"
+        _launch(setup, tmp_path / f"{setup}.yaml", 420, 1, f"checkpoint.resume={tmp_path / setup}/"
+                f"checkpoint-{SAVED:07d}", "train.gradient_accumulation=4", f"train.output_dir={out}")
+        assert _losses(out) == pytest.approx(losses[SAVED:], abs=1e-5), setup
     with torch.no_grad():
         base = _outputs_with_adapter(None)
         ddp = _outputs_with_adapter(ddp_ckpt)

@@ -160,13 +160,19 @@ def optimizer_step(accelerator: Accelerator, model: Any, optimizer: Any, max_gra
     return norm
 
 
+def _flat_partitions(engine: Any) -> list[torch.Tensor]:
+    """This rank's float32 master partitions, the tensors DeepSpeed's inner torch optimizer steps (ZeRO-3 hands
+    them to it only during its step, so they are taken from the ZeRO optimizer itself)."""
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    return list(flats if flats is not None else zero.single_partition_of_fp32_groups)  # ZeRO-1/2
+
+
 def _local_trainable_tensors(engine: Any) -> tuple[Any, list[torch.Tensor]]:
     """(inner torch optimizer, the tensors of this rank that a DeepSpeed step changes): the module's trainable
-    parameters (their local partition under ZeRO-3) and the inner optimizer's parameters (flat fp32 partitions)."""
-    inner = engine.optimizer.optimizer
+    parameters (their local partition under ZeRO-3) and the float32 master partitions."""
     tensors = [getattr(p, "ds_tensor", p).data for p in engine.module.parameters() if p.requires_grad]
-    tensors += [p.data for group in inner.param_groups for p in group["params"]]
-    return inner, tensors
+    return engine.optimizer.optimizer, tensors + [flat.data for flat in _flat_partitions(engine)]
 
 
 def _snapshot(engine: Any) -> dict[str, Any]:
@@ -286,10 +292,9 @@ def load_optimizer_state(accelerator: Accelerator, model: Any, optimizer: Any, s
         from deepspeed.utils import safe_set_full_optimizer_state
 
         inner = model.optimizer.optimizer
-        for group in inner.param_groups:  # the state of the flat partitions is created lazily by a first step
-            for flat in group["params"]:
-                inner.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
-                                     **{k: torch.zeros_like(flat) for k in keys}}
+        for flat in _flat_partitions(model):  # the optimizer creates this state lazily, at its first step
+            inner.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                 **{k: torch.zeros_like(flat) for k in keys}}
         _link_state_fragments(model)
         for n, p in named:
             for k in keys:
