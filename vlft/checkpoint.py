@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -38,23 +37,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vlft.data.image import CLIP_MEAN, CLIP_STD
 from vlft.distributed import is_deepspeed, load_optimizer, save_optimizer, trainable_state_dict
-
-MARKER = "COMPLETE"
-_NAME = re.compile(r"checkpoint-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:07d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints that carry the completion marker, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+# the names and the marker readers need too (export, inference) live where importing them costs no accelerate
+from vlft.run_folder import MARKER, checkpoint_name, complete_checkpoints
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -187,10 +173,6 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
 
 
 # ---------------------------------------------------------------------------------------------- inference files
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # the image normalisation Qwen2.5-VL was trained with
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
 def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_config: Any, model_path: str) -> None:
     """Tokenizer + chat template, the processor settings used in training, and the base model reference, so that
     inference and export run at the pixel and frame limits of training (not the Hub defaults)."""
@@ -199,7 +181,7 @@ def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_con
     v = model_config.vision
     common = {
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "do_convert_rgb": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
         "processor_class": "Qwen2_5_VLProcessor",
     }

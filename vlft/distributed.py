@@ -16,9 +16,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
 from vlft.config import ExperimentConfig
-
-# Batch keys that stay on the host: the vision tower reads the grids on the CPU (a device grid costs a sync).
-HOST_KEYS = ("image_grid_thw", "video_grid_thw")
+from vlft.data.collator import to_device  # noqa: F401  (defined with the batch keys; recipes/sft.py imports it here)
 
 
 def precision(cfg: ExperimentConfig) -> str:
@@ -85,12 +83,6 @@ def global_sum(accelerator: Accelerator, value: float) -> float:
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (e.g. a NaN loss or a received SIGTERM)."""
     return global_sum(accelerator, 1.0 if flag else 0.0) > 0
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch to `device`, keeping the vision grids on the host."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
-            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- data order

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from vlft.generate import MEDIA_KEYS, generate, left_pad, load_for_inference, stop_ids
+from vlft.data.collator import MEDIA_KEYS
+from vlft.generate import generate, left_pad, load_for_inference, stop_ids
+from vlft.lora_merge import resolve_checkpoint
 
 IGNORE = -100
 
@@ -164,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     try:
-        from vlft.export import resolve_checkpoint
-
         cfg = load_experiment(args.config, args.overrides)
         ckpt = resolve_checkpoint(args.checkpoint)
         out = Path(args.out) if args.out else ckpt / "eval"

@@ -21,9 +21,10 @@ import torch
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError, TooManySkipped
 from vlft.data.formats import MediaResolver, RecordSource, to_messages
-from vlft.data.image import process_image
+from vlft.data.image import MERGE_SIZE, process_image
 from vlft.data.template import IGNORE_INDEX, SpecialIds, encode_conversation, media_of
 from vlft.data.video import process_video
+from vlft.model.vision_index import merged_tokens
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class SampleProcessor:
                 else:
                     px, grid, secs = self._video(m, dc)
                     videos.append((px, grid, secs))
-                tokens.append(int(grid.prod()) // 4)
+                tokens.append(merged_tokens(grid, MERGE_SIZE))
             input_ids, labels = encode_conversation(messages, self.tokenizer, tokens, self.cfg.last_turn_only,
                                                     self.cfg.system_prompt, ids=self.ids)
         except BadInput as e:
