@@ -30,17 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from vlft.adapters import apply_lora, format_report, trainable_report
-from vlft.checkpoint import (check_run_folder, checkpoint_name, claim_run_folder, load_checkpoint, read_trainer_state,
-                             remove_partial, resolve_resume, run_id_of, save_checkpoint, trim_metrics,
-                             write_inference_files)
+from vlft.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint, write_inference_files
 from vlft.config import ExperimentConfig, check_inputs, dump_yaml, load_experiment, to_dict
+from vlft.data.collator import to_device
 from vlft.data.dataset import skip_summary
 from vlft.data.lengths import dataset_lengths, epoch_lengths
 from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
-                              reduce_sum, to_device)
+                              reduce_sum)
 from vlft.errors import UserError
 from vlft.optim import build_optimizer, build_scheduler
+from vlft.run_folder import (check_run_folder, checkpoint_name, claim_run_folder, remove_partial, resolve_resume,
+                             run_id_of, trim_metrics)
 from vlft.tracking import Tracker, format_metrics
 
 

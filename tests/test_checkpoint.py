@@ -12,7 +12,8 @@ import pytest
 import torch
 from test_train_helpers import run_in_process, workspace
 
-from vlft.checkpoint import MARKER, complete_checkpoints, resolve_resume, rng_state, set_rng_state
+from vlft.checkpoint import rng_state, set_rng_state
+from vlft.run_folder import MARKER, complete_checkpoints, resolve_resume
 
 
 def test_sigterm_checkpoint_then_exact_resume(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Dataset files, media_root confinement, weighted mixing, and every kind of bad sample (issue 3 item 7):
+"""Dataset files, media_root confinement, weighted mixing, and every kind of bad sample:
 an error naming dataset, index and reason; skipped with a counter; training stops past the ceiling."""
 
 import json

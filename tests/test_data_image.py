@@ -21,7 +21,7 @@ HUB = (3136, 12845056)
     ((14, 2000), HUB, (28, 672)),
     ((700, 20), HUB, (700, 28)),
 ])
-def test_smart_resize_sheet_table(hw, limits, expected):
+def test_smart_resize_matches_transformers_table(hw, limits, expected):
     assert smart_resize(*hw, *limits) == expected
 
 
@@ -50,7 +50,7 @@ def test_parity_with_transformers_pil_processor(h, w, mode, limits):
     assert (ours - theirs).abs().max().item() <= 1e-6
 
 
-def test_patch_layout_matches_sheet_formula():
+def test_patch_layout_matches_row_formula():
     img = rand_image(56, 84, seed=3)  # multiple of 28: no resize
     pixels, grid = process_image(img, 3136, 10**6)
     X = normalize(resize_rgb(img, 56, 84))  # [3, 56, 84]

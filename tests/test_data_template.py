@@ -64,7 +64,7 @@ def test_ids_equal_transformers_processor(tok, name):
 
 
 def test_ids_with_video_equal_template_plus_expansion(tok, tmp_path):
-    """transformers' video processor needs torchvision; the processor's rule (sheet 4.3) is: render the template,
+    """transformers' video processor needs torchvision; the processor's rule is: render the template,
     replace the k-th pad by t*h*w/4 copies, tokenise. We check against exactly that."""
     from vlft.data.image import process_image
     from vlft.data.video import process_video

@@ -1,4 +1,4 @@
-"""Video: PyAV decoding (with seeking), frame sampling rules (sheet 3.1), second_per_grid_ts from the frames kept,
+"""Video: PyAV decoding (with seeking), frame sampling rules (qwen-vl-utils'), second_per_grid_ts from the frames kept,
 the collapse warning, frame lists and folders, and the patch layout per temporal group."""
 
 import logging
@@ -16,7 +16,7 @@ SMALL = dict(min_pixels=28 * 28, max_pixels=28 * 28 * 4, total_pixels=10**9)
 
 @pytest.mark.parametrize("total, fps, expected", [(300, 30, 20), (301, 29.97, 20), (90, 30, 6), (10, 30, 4),
                                                   (36000, 30, 768)])
-def test_smart_nframes_sheet_table(total, fps, expected):
+def test_smart_nframes_matches_qwen_vl_utils_table(total, fps, expected):
     assert smart_nframes(total, fps, 2.0) == expected
 
 

@@ -1,4 +1,4 @@
-"""The time questions of the demo cannot be answered from one frame (issue 6).
+"""The time questions of the demo cannot be answered from one frame (one of the demo's targets).
 
 A model trained by `vlft demo` on the time kinds only is evaluated on the held-out videos and on the same videos with
 every frame replaced by the first: its accuracy must drop by at least 40 points and end below 50%. Training takes

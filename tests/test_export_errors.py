@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import vlft.export as export
 from vlft.cli import main as vlft
+from vlft.lora_merge import AdapterError, load_adapter, resolve_checkpoint
 from export_fixtures import make_checkpoint
 from model_fixtures import make_pair
 from vlft.model import save_pretrained
@@ -75,7 +76,7 @@ def test_incomplete_and_empty_checkpoints(run, tmp_path, capsys):
 
 def test_run_folder_resolves_to_newest_complete_checkpoint(run, tmp_path):
     base, ckpt, _, _ = run
-    assert export.resolve_checkpoint(ckpt.parent) == ckpt
+    assert resolve_checkpoint(ckpt.parent) == ckpt
 
 
 def test_non_empty_output_refused_unless_overwrite(run, tmp_path, capsys):
@@ -121,5 +122,5 @@ def test_unsupported_adapter_options_are_refused(run, tmp_path):
     (odd / "adapter_model.safetensors").write_bytes((ckpt / "adapter_model.safetensors").read_bytes())
     config = json.loads((ckpt / "adapter_config.json").read_text())
     (odd / "adapter_config.json").write_text(json.dumps(dict(config, lora_bias=True)))
-    with pytest.raises(export.ExportError, match="lora_bias"):
-        export.load_adapter(odd)
+    with pytest.raises(AdapterError, match="lora_bias"):
+        load_adapter(odd)

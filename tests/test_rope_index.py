@@ -1,4 +1,4 @@
-"""get_rope_index: hand-computed values from the sheet (section 7) and agreement with transformers where rules agree."""
+"""get_rope_index: hand-computed values (docs/positions.md) and agreement with transformers where the rules agree."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _ids(cfg, parts):
     return out
 
 
-def test_sheet_example_A_image():
+def test_example_A_image():
     cfg = tiny_config()
     ids = torch.tensor([_ids(cfg, [10, 11, 12, VS, ("image", 6), VE, 20, 21])])
     pos, delta = get_rope_index(cfg, ids, image_grid_thw=torch.tensor([[1, 4, 6]]))
@@ -36,9 +36,9 @@ def test_sheet_example_A_image():
     assert delta.tolist() == [[-3]]
 
 
-def test_sheet_example_B_video_longer_than_its_grid_uses_reference_rule():
-    # Sheet 7.3: video grid (4, 4, 4), second_per_grid_t 1.0, tokens_per_second 2: time ids step by 2 and run past
-    # the grid; text after the video restarts at max + 1 = 9 (transformers 5.24 would restart at 4).
+def test_example_B_video_longer_than_its_grid_uses_reference_rule():
+    # docs/positions.md example B: video grid (4, 4, 4), second_per_grid_t 1.0, tokens_per_second 2: time ids step
+    # by 2 and run past the grid; text after the video restarts at max + 1 = 9 (transformers 5.24 would restart at 4).
     cfg = tiny_config()
     ids = torch.tensor([_ids(cfg, [7, VS, ("video", 16), VE, 8, 9])])
     pos, delta = get_rope_index(cfg, ids, video_grid_thw=torch.tensor([[4, 4, 4]]),
@@ -49,15 +49,15 @@ def test_sheet_example_B_video_longer_than_its_grid_uses_reference_rule():
     assert delta.tolist() == [[-9]]
 
 
-def test_sheet_example_B2_fractional_interval_is_not_truncated_first():
+def test_example_B2_fractional_interval_is_not_truncated_first():
     cfg = tiny_config()
     ids = torch.tensor([_ids(cfg, [7, VS, ("video", 16), VE])])
     pos, _ = get_rope_index(cfg, ids, video_grid_thw=torch.tensor([[4, 4, 4]]), second_per_grid_ts=[0.5])
     assert pos[0, 0, 2:18].tolist() == [2] * 4 + [3] * 4 + [4] * 4 + [5] * 4
 
 
-def test_sheet_example_C_left_padded_batch_reference_values():
-    # Sheet 7.4 C, with the reference rule's values quoted there: rope_deltas [[-8], [-5]], padding filled with 1.
+def test_example_C_left_padded_batch_reference_values():
+    # docs/positions.md example C (reference rule): rope_deltas [[-8], [-5]], padding filled with 1.
     cfg = tiny_config()
     s0 = _ids(cfg, [5, VS, ("image", 4), VE, VS, ("image", 6), VE, 6])
     s1 = _ids(cfg, [5, VS, ("video", 8), VE, VS, ("image", 4), VE, 6, 7])

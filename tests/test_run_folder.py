@@ -11,7 +11,7 @@ import signal
 import pytest
 from test_train_helpers import run_in_process, workspace
 
-from vlft.checkpoint import MARKER, RunFolderError, check_run_folder, complete_checkpoints, prune
+from vlft.run_folder import MARKER, RunFolderError, check_run_folder, complete_checkpoints, prune
 
 
 def _tree(folder) -> dict[str, str]:

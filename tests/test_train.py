@@ -14,7 +14,9 @@ from test_train_helpers import run_in_process, workspace
 GOLDEN = [5.81329083442688, 5.495922327041626, 5.211201906204224, 4.9975669384002686]
 
 
-def test_golden_losses_and_artifacts(tmp_path):
+def test_checkpoint_artifacts_metrics_and_eval(tmp_path):
+    """What a run writes (the golden losses are compared in test_matches_plain_loop; this run holds out an eval
+    split, so it trains on other batches and only checks that its loss falls)."""
     path, _ = workspace(tmp_path, train={"eval_every": 2}, data={"eval_split": 0.125},
                         logging={"progress_bar": True, "tensorboard": True})
     result = run_in_process(path)

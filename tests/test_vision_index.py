@@ -1,4 +1,4 @@
-"""Window index, cumulative lengths and rotary ids against the sheet's worked examples (section 5.2, 5.3)."""
+"""Window index, cumulative lengths and rotary ids against hand-worked examples (docs/vision.md, docs/rotary.md)."""
 
 from vlft.model.vision_index import full_cu_seqlens, rotary_pos_ids, window_index
 

@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from vlft.config import ConfigError, ExperimentConfig, LoraSection
+from vlft.lora_merge import PARTS, part_of
 
 # Where each part's blocks live; a target suffix is appended to one of these prefixes.
 PART_PREFIXES = {
@@ -24,19 +25,6 @@ PART_PREFIXES = {
     "vision": r"visual\.blocks\.\d+\.",
     "merger": r"visual\.merger\.",
 }
-PARTS = ("language", "vision", "merger")  # the parts that freeze and the optimizer's learning rates speak of
-_PEFT_PREFIX = "base_model.model."
-
-
-def part_of(name: str) -> str:
-    """The part ("language", "vision" or "merger") that a parameter or module name belongs to (peft names too)."""
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
-    if name.startswith("visual.merger"):
-        return "merger"
-    if name.startswith("visual."):
-        return "vision"
-    return "language"
 
 
 def target_regex(lora: LoraSection) -> str | None:

@@ -1,6 +1,6 @@
-"""Run folders and atomic checkpoints that resume exactly on any topology, and that inference and export use as is.
+"""Atomic checkpoints that resume exactly on any topology, and that inference and export use as is.
 
-Layout of a run's output folder (one run per folder: see `claim_run_folder`):
+Layout of a run's output folder (one run per folder: see vlft/run_folder.py):
 
     OUTPUT_DIR/
       run.json                       the run's id and start time; marks the folder as this run's
@@ -31,13 +31,10 @@ are deleted at the next start. Multi-node runs need OUTPUT_DIR on a file system 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import random
-import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,148 +43,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vlft.data.image import CLIP_MEAN, CLIP_STD
 from vlft.errors import UserError
-
-MARKER = "COMPLETE"
-RUN_FILE = "run.json"
-_NAME = re.compile(r"checkpoint-(\d+)$")
-# What a vlft run writes at the top of its folder; `train.overwrite_output_dir` removes exactly these.
-RUN_ENTRIES = re.compile(r"(checkpoint-\d+|\.tmp-checkpoint-\d+|run\.json|config\.yaml|metrics\.jsonl|tensorboard|"
-                         r"wandb)$")
-EVAL_OUTPUT = re.compile(r"eval-.+$")  # `vlft eval` results beside the checkpoints: kept, never deleted by a run
-
-
-class RunFolderError(UserError, ValueError):
-    """The output folder cannot be used for this run; the message says what to change."""
-
+from vlft.run_folder import MARKER, checkpoint_name, prune
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint to resume from is incomplete or unreadable; the message names the file."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:07d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints that carry the completion marker, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """None: fresh start; "auto": the newest complete checkpoint (or a fresh start when there is none); a path: that
-    checkpoint, which must be complete."""
-    if not resume:
-        return None
-    if resume == "auto":
-        done = complete_checkpoints(output_dir)
-        return done[-1] if done else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- the run folder
-def check_run_folder(output_dir: str | Path, resume: str | None, overwrite: bool) -> str:
-    """What starting this run in `output_dir` means, checked before anything is written (read-only, so every rank
-    can run it): "new" (absent or empty folder), "continue" (this folder's run, resumed), "overwrite" (a finished
-    or interrupted vlft run that `train.overwrite_output_dir` allows to replace). Raises RunFolderError otherwise,
-    so that a new run never mixes its checkpoints and metrics with another run's, and never writes into a folder of
-    someone's other files (a data folder, say)."""
-    root = Path(output_dir)
-    if root.exists() and not root.is_dir():
-        raise RunFolderError(f"train.output_dir: {root} exists and is not a folder")
-    entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    if not entries:
-        return "new"
-    foreign = [e for e in entries if not (RUN_ENTRIES.match(e) or EVAL_OUTPUT.match(e))]
-    is_run = (root / RUN_FILE).is_file() or (root / "config.yaml").is_file() and any(_NAME.match(e) for e in entries)
-    if foreign or not is_run:
-        raise RunFolderError(
-            f"train.output_dir: {root} holds files that no vlft run wrote ({', '.join(foreign[:4]) or entries[0]}"
-            f"{' ...' if len(foreign) > 4 else ''}); choose a new or empty folder for the run")
-    if resume == "auto" or (resume and Path(resume).resolve().parent == root.resolve()):
-        return "continue"
-    if overwrite:
-        return "overwrite"
-    started = [e for e in entries if _NAME.match(e) or e == "metrics.jsonl"]
-    if not started:  # a run that stopped before its first metric: nothing of it to keep
-        return "overwrite"
-    done = complete_checkpoints(root)
-    raise RunFolderError(
-        f"train.output_dir: {root} holds another run ({len(done)} checkpoint(s)"
-        f"{', newest ' + done[-1].name if done else ''}). To continue it: checkpoint.resume=auto; to start a new "
-        f"run: another train.output_dir; to replace it (its checkpoints and metrics are deleted): "
-        f"train.overwrite_output_dir=true")
-
-
-def claim_run_folder(output_dir: str | Path, verdict: str) -> str:
-    """Make `output_dir` this run's folder (main process only) and return the run id: the folder's own id when the
-    run continues, a new one otherwise. With "overwrite" only what a vlft run wrote is removed."""
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    info = root / RUN_FILE
-    if verdict == "continue" and info.is_file():
-        return run_id_of(root)
-    if verdict == "overwrite":
-        for p in root.iterdir():
-            if RUN_ENTRIES.match(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    run_id = uuid.uuid4().hex[:12]
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    _write_atomic(info, json.dumps({"run_id": run_id, "started": started}, indent=2) + "\n")
-    return run_id
-
-
-def run_id_of(output_dir: str | Path) -> str:
-    """The id of the run that owns `output_dir` (after `claim_run_folder`)."""
-    return json.loads((Path(output_dir) / RUN_FILE).read_text())["run_id"]
-
-
-def trim_metrics(output_dir: str | Path, step: int) -> None:
-    """Drop metric records after `step` (written by the attempt that a resume from `step` repeats), so a resumed
-    run's metrics.jsonl has each step once."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    _write_atomic(path, "".join(kept))
-
-
-def remove_partial(output_dir: str | Path) -> None:
-    """Delete temporary folders left by a save that was interrupted (main process only)."""
-    root = Path(output_dir)
-    if root.is_dir():
-        for p in root.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def prune(output_dir: str | Path, keep_last: int, run_id: str) -> None:
-    """Keep the newest `keep_last` complete checkpoints of run `run_id` (0 keeps all); never touches another's."""
-    if keep_last <= 0:
-        return
-    ours = [p for p in complete_checkpoints(output_dir) if _run_of(p) == run_id]
-    for old in ours[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _run_of(checkpoint: Path) -> str | None:
-    try:
-        return json.loads((checkpoint / "trainer_state.json").read_text()).get("run_id")
-    except (OSError, ValueError):
-        return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -351,10 +212,6 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
 
 
 # ---------------------------------------------------------------------------------------------- inference files
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # the image normalisation Qwen2.5-VL was trained with
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
 def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_config: Any, model_path: str) -> None:
     """Tokenizer + chat template, the processor settings used in training, and the base model reference, so that
     inference and export run at the pixel and frame limits of training (not the Hub defaults)."""
@@ -363,7 +220,7 @@ def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_con
     v = model_config.vision
     common = {
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "do_convert_rgb": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
         "processor_class": "Qwen2_5_VLProcessor",
     }

@@ -18,10 +18,6 @@ from accelerate.utils import DistributedType
 from vlft.config import ExperimentConfig
 from vlft.errors import UserError
 
-# Batch keys that stay on the host: the model reads grids and packed-segment boundaries as Python numbers, and a
-# device copy would cost a device-to-host sync in the forward pass.
-HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens")
-
 
 def precision(cfg: ExperimentConfig) -> str:
     """"bf16", "fp16" or "fp32": `auto` is bf16 on GPU and fp32 on CPU."""
@@ -100,13 +96,7 @@ def reduce_sum(accelerator: Accelerator, values: list[float | torch.Tensor]) -> 
     return t.tolist()
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch to `device`, keeping the vision grids on the host."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
-            for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------- evaluation order
+from vlft.errors import UserError
 def eval_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
     """Evaluation batches: every sample exactly once, in order, and the same number of batches on every rank (ZeRO-3
     needs equal forward counts). A rank past the end gets empty batches, which the recipe runs with no supervised

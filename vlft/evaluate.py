@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from vlft.data.collator import MEDIA_KEYS
 from vlft.errors import UserError
-from vlft.generate import MEDIA_KEYS, generate, left_pad, load_for_inference, stop_ids
+from vlft.generate import generate, left_pad, load_for_inference, stop_ids
+from vlft.lora_merge import resolve_checkpoint
 
 IGNORE = -100
 OUTPUTS = ("predictions.jsonl", "summary.json")
@@ -223,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-generate", action="store_true", help="loss only")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    from vlft.export import resolve_checkpoint
-
     cfg = load_experiment(args.config, args.overrides)
     model = args.model if args.model is None or args.model.startswith("preset:") else os.path.abspath(args.model)
     if model is not None:

@@ -9,14 +9,11 @@ records in base_model.json.
 
 The merge streams tensor by tensor: each base shard is read one tensor at a time, merged in float32 and written to
 the output shard at once, so host memory holds one tensor (plus its float32 copy) and the adapter, never a shard or
-the model. Output keys are in the Hub layout (sheet 9.1) and keep the base's sharding. Everything is written to a
-temporary folder next to DIR and renamed at the end, so a failure leaves nothing half-written; the working folders
-of an export that was killed (`.DIR.tmp-HOST-PID`, ...) are removed by the next export to DIR once that process is
-gone.
-
-Merge math (what peft computes, written out here; checked against peft's own merge in tests/test_export.py):
-    LoRA:  W' = W + s * B @ A,                 s = alpha / r  (alpha / sqrt(r) with rsLoRA)
-    DoRA:  W' = m / ||W + s*B@A||_row * (W + s*B@A)   (norm over the input dim, per output row; bias unchanged)
+the model. Output keys are in the Hub layout (docs/checkpoints.md#key-layouts) and keep the base's sharding.
+Everything is written to a temporary folder next to DIR and renamed at the end, so a failure leaves nothing
+half-written; the working folders of an export that was killed (`.DIR.tmp-HOST-PID`, ...) are removed by the next
+export to DIR once that process is gone. The merge arithmetic itself is in vlft/lora_merge.py; this module imports no
+training code (no accelerate, DeepSpeed or peft).
 """
 
 from __future__ import annotations
@@ -29,22 +26,20 @@ import re
 import shutil
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from vlft.errors import UserError
+from vlft.lora_merge import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PARTS, PEFT_PREFIX, Adapter, check_fits, load_adapter,
+                             merge_weight, part_of)
 from vlft.model.weights import DTYPES, to_hub_key, weight_files
+from vlft.run_folder import rebuild_preset
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
-# peft options whose merge this module does not implement: refused rather than merged wrongly
-UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "use_bdlora": None, "target_parameters": None,
-               "alora_invocation_tokens": None, "trainable_token_indices": None}
 
 
 class ExportError(UserError, ValueError):
@@ -52,42 +47,40 @@ class ExportError(UserError, ValueError):
 
 
 # ============================================================================= safetensors, one tensor at a time
-# The file format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
-# then the raw little-endian data. Reading and writing it directly lets the merge hold a single tensor.
+# Reading uses safetensors' safe_open, reopened for every tensor: safe_open maps the whole file, and the pages a read
+# touched stay resident until the mapping closes, so one open handle per shard would let a whole shard build up.
+# Writing: safetensors only writes a complete dict of tensors (the header, which comes first, needs every tensor's
+# size; its maintainers keep it that way), so ShardWriter writes the header from the known names, dtypes and shapes,
+# then the tensors one by one.
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int, dict]:
-    """({name: {dtype, shape, data_offsets}}, offset of the data area, __metadata__)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ExportError(f"{path} is not a safetensors file (too short)")
-        n = int.from_bytes(raw, "little")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: unreadable safetensors header ({e})") from None
-    meta = header.pop("__metadata__", {}) or {}
-    return header, 8 + n, meta
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ExportError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def read_tensor(f, entry: dict, data_start: int, path: Path) -> torch.Tensor:
-    if entry["dtype"] not in ST_DTYPES:
-        raise ExportError(f"{path}: tensor dtype {entry['dtype']} is not supported")
-    t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
-    begin, end = entry["data_offsets"]
-    if end - begin != t.numel() * t.element_size():
-        raise ExportError(f"{path}: a tensor's byte range does not match its shape {entry['shape']}")
-    if t.numel():
-        f.seek(data_start + begin)
-        got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        if got != end - begin:
-            raise ExportError(f"{path} is truncated")
-    return t
+def read_entries(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int]]], dict[str, str]]:
+    """({name: (dtype, shape)}, __metadata__) of a safetensors file, without reading its tensors."""
+    with _open(path) as f:
+        entries = {}
+        for k in f.keys():
+            part = f.get_slice(k)
+            if part.get_dtype() not in ST_DTYPES:
+                raise ExportError(f"{path}: tensor {k} has dtype {part.get_dtype()}, which vlft export does not handle")
+            entries[k] = (ST_DTYPES[part.get_dtype()], list(part.get_shape()))
+        return entries, f.metadata() or {}
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file (the file is opened for this tensor alone, see above)."""
+    with _open(path) as f:
+        return f.get_tensor(key)
 
 
 class ShardWriter:
@@ -122,180 +115,17 @@ class ShardWriter:
             raise RuntimeError(f"shard writer: {self.i} of {len(self.expected)} tensors written")
 
 
-def tensor_bytes(entry: dict) -> int:
-    return entry["data_offsets"][1] - entry["data_offsets"][0]
-
-
-# ============================================================================= the adapter
-@dataclass
-class LoraWeights:
-    A: torch.Tensor  # [r, in]
-    B: torch.Tensor  # [out, r]
-    scale: float
-    magnitude: torch.Tensor | None = None  # [out], DoRA only
-
-
-@dataclass
-class Adapter:
-    """A checkpoint's adapter in Hub names: LoRA per module (`model.layers.0.self_attn.q_proj`) and the fully trained
-    parameters (`visual.merger.mlp.0.weight`)."""
-
-    folder: Path
-    config: dict
-    lora: dict[str, LoraWeights] = field(default_factory=dict)
-    full: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def nbytes(self) -> int:
-        ts = [t for w in self.lora.values() for t in (w.A, w.B, w.magnitude) if t is not None] + list(self.full.values())
-        return sum(t.numel() * t.element_size() for t in ts)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A folder with adapter_config.json; a run folder resolves to its newest complete checkpoint-N."""
-    from vlft.checkpoint import MARKER, complete_checkpoints
-
-    p = Path(path)
-    if not p.is_dir():
-        raise ExportError(f"adapter checkpoint not found: {p}")
-    if not (p / ADAPTER_CONFIG).is_file():
-        done = complete_checkpoints(p)
-        if done:
-            print(f"using the newest complete checkpoint of {p}: {done[-1].name}", file=sys.stderr)
-            return done[-1]
-        raise ExportError(f"{p} holds no {ADAPTER_CONFIG} and no complete checkpoint-N folder")
-    if (p / "trainer_state.json").is_file() and not (p / MARKER).is_file():
-        raise ExportError(f"{p} is an incomplete checkpoint (no {MARKER} marker): its save was interrupted")
-    return p
-
-
-def _alpha_for(name: str, config: dict) -> float:
-    for key, alpha in (config.get("alpha_pattern") or {}).items():  # peft's rule: the pattern ends the module name
-        if re.match(rf"(.*\.)?({key})$", name):
-            return float(alpha)
-    return float(config["lora_alpha"])
-
-
-def load_adapter(path: str | Path) -> Adapter:
-    """Read and check a PEFT LoRA/DoRA adapter; keys saved from vlft (Hub layout) or transformers v5 both work."""
-    from safetensors.torch import load_file
-
-    folder = resolve_checkpoint(path)
-    weights_file = folder / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
-        raise ExportError(f"{folder}: {ADAPTER_WEIGHTS} is missing"
-                          + (" (only a pickle adapter_model.bin; vlft reads safetensors only)"
-                             if (folder / "adapter_model.bin").is_file() else ""))
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise ExportError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LORA (with or "
-                          "without DoRA) can be exported")
-    for key, default in UNSUPPORTED.items():
-        if config.get(key) not in (default, None, [], {}):
-            raise ExportError(f"{folder / ADAPTER_CONFIG}: {key}={config[key]!r} is not supported by vlft export")
-    if config.get("bias", "none") != "none":
-        raise ExportError(f"{folder / ADAPTER_CONFIG}: bias={config['bias']!r}; only bias='none' is supported")
-    state = load_file(str(weights_file))
-    adapter = Adapter(folder, config)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        if t.numel() == 0:
-            raise ExportError(f"{weights_file}: tensor {key} is empty; the checkpoint was saved without gathering "
-                              "ZeRO-3 shards (save with vlft's recipe, which gathers them)")
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", name)
-        if m:
-            kind = m.group(2).split(".")[0]
-            parts.setdefault(to_hub_key(m.group(1)), {})[kind] = t
-        elif ".lora_" in name:
-            raise ExportError(f"{weights_file}: {key} is a kind of LoRA weight vlft export does not merge")
-        else:  # a parameter of a fully trained module (peft modules_to_save)
-            adapter.full[to_hub_key(name)] = t
-    rslora = bool(config.get("use_rslora"))
-    for module, p in parts.items():
-        if "lora_A" not in p or "lora_B" not in p:
-            raise ExportError(f"{weights_file}: {module} has {sorted(p)} but needs both lora_A and lora_B")
-        A, B = p["lora_A"], p["lora_B"]
-        r = A.shape[0]
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
-            raise ExportError(f"{weights_file}: {module} lora_A {list(A.shape)} and lora_B {list(B.shape)} are not "
-                              "the two factors of a Linear LoRA")
-        alpha = _alpha_for(module, config)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        adapter.lora[module] = LoraWeights(A, B, scale, p.get("lora_magnitude_vector"))
-    both = [m for m in adapter.lora if any(k.startswith(m + ".") for k in adapter.full)]
-    if both:
-        raise ExportError(f"{weights_file}: {both[0]} has LoRA weights and is also trained fully")
-    if not adapter.lora and not adapter.full:
-        raise ExportError(f"{weights_file} holds no LoRA weights and no trained modules")
-    return adapter
-
-
-def part_of(hub_name: str) -> str:
-    if hub_name.startswith("visual.merger"):
-        return "merger"
-    return "vision" if hub_name.startswith("visual.") else "language"
-
-
-def merge_weight(W: torch.Tensor, w: LoraWeights, out_dtype: torch.dtype) -> torch.Tensor:
-    """W [out, in] merged with one LoRA/DoRA module, computed in float32 whatever the storage dtype."""
-    merged = W.to(torch.float32)  # a float32 W is modified in place: the caller hands over its own tensor
-    merged.addmm_(w.B.to(torch.float32), w.A.to(torch.float32), alpha=w.scale)
-    if w.magnitude is not None:
-        norm = torch.linalg.vector_norm(merged, dim=1)
-        merged.mul_((w.magnitude.to(torch.float32) / norm).unsqueeze(1))
-    return merged.to(out_dtype)
-
-
-def check_fits(adapter: Adapter, shapes: dict[str, list[int]], base: Path) -> None:
-    """Fail naming the keys when the adapter was trained on a base of another shape (or architecture)."""
-    problems = []
-    for module, w in adapter.lora.items():
-        key = module + ".weight"
-        want = [w.B.shape[0], w.A.shape[1]]
-        if key not in shapes:
-            problems.append(f"{module} (LoRA target) is not in the base")
-        elif shapes[key] != want:
-            problems.append(f"{key} is {shapes[key]} in the base but the LoRA factors make {want}")
-        elif w.magnitude is not None and list(w.magnitude.shape) != [want[0]]:
-            problems.append(f"{module} DoRA magnitude is {list(w.magnitude.shape)}, expected [{want[0]}]")
-    for key, t in adapter.full.items():
-        if key not in shapes:
-            problems.append(f"{key} (fully trained) is not in the base")
-        elif shapes[key] != list(t.shape):
-            problems.append(f"{key} is {shapes[key]} in the base but {list(t.shape)} in the adapter")
-    if problems:
-        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise ExportError(f"the adapter {adapter.folder} does not fit the base {base}; was it trained on another "
-                          f"base model size?\n  " + "\n  ".join(problems[:8]) + more)
-
-
-def apply_adapter(model: torch.nn.Module, adapter: Adapter, parts: tuple[str, ...] = ("language", "vision", "merger")
-                  ) -> None:
-    """Merge an adapter into a loaded vlft model in place (generation and evaluation use this)."""
-    params = dict(model.named_parameters())
-    check_fits(adapter, {k: list(v.shape) for k, v in params.items()}, Path("<loaded model>"))
-    with torch.no_grad():
-        for module, w in adapter.lora.items():
-            if part_of(module) in parts:
-                p = params[module + ".weight"]
-                p.copy_(merge_weight(p.detach().clone(), w, p.dtype))
-        for key, t in adapter.full.items():
-            if part_of(key) in parts:
-                params[key].copy_(t.to(params[key].dtype))
-
-
 # ============================================================================= the streaming merge
 def base_shapes(base: Path) -> tuple[list[Path], dict[str, list[int]]]:
     files = weight_files(base)
     shapes = {}
     for f in files:
-        header, _, _ = read_header(f)
-        shapes.update({to_hub_key(k): v["shape"] for k, v in header.items()})
+        shapes.update({to_hub_key(k): shape for k, (_, shape) in read_entries(f)[0].items()})
     return files, shapes
 
 
 def merge_into(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype | None,
-               parts: tuple[str, ...] = ("language", "vision", "merger")) -> dict[str, int]:
+               parts: tuple[str, ...] = PARTS) -> dict[str, int]:
     """Write the base's weights with the adapter's `parts` merged into `out` (Hub keys, the base's shards).
     Returns counts of what was merged."""
     files, shapes = base_shapes(base)
@@ -305,26 +135,25 @@ def merge_into(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype | Non
     counts = {"lora": 0, "dora": 0, "full": 0}
     weight_map, total = {}, 0
     for path in files:
-        header, start, meta = read_header(path)
-        names = sorted(header, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
-        entries = [(to_hub_key(k), dtype or ST_DTYPES[header[k]["dtype"]], header[k]["shape"]) for k in names]
+        stored, meta = read_entries(path)
+        names = list(stored)
+        entries = [(to_hub_key(k), dtype or stored[k][0], stored[k][1]) for k in names]
         writer = ShardWriter(out / path.name, entries, {**meta, "format": "pt"})
         try:
-            with open(path, "rb") as f:
-                for k, (name, out_dtype, _) in zip(names, entries):
-                    t = read_tensor(f, header[k], start, path)
-                    if name in lora:
-                        t = merge_weight(t, lora[name], out_dtype)
-                        counts["dora" if lora[name].magnitude is not None else "lora"] += 1
-                    elif name in full:
-                        t = full[name].to(out_dtype)
-                        counts["full"] += 1
-                    else:
-                        t = t.to(out_dtype)
-                    writer.write(name, t)
-                    weight_map[name] = path.name
-                    total += t.numel() * t.element_size()
-                    del t
+            for k, (name, out_dtype, _) in zip(names, entries):
+                t = read_tensor(path, k)
+                if name in lora:
+                    t = merge_weight(t, lora[name], out_dtype)
+                    counts["dora" if lora[name].magnitude is not None else "lora"] += 1
+                elif name in full:
+                    t = full[name].to(out_dtype)
+                    counts["full"] += 1
+                else:
+                    t = t.to(out_dtype)
+                writer.write(name, t)
+                weight_map[name] = path.name
+                total += t.numel() * t.element_size()
+                del t
             writer.finish()
         finally:
             writer.f.close()  # on an error: the caller removes the temporary folder
@@ -472,11 +301,9 @@ def resolve_base(base: str | None, ckpt: Path, scratch: Path | None = None) -> P
     if str(base).startswith("preset:"):
         if base != "preset:tiny" or scratch is None:
             raise ExportError(f"pass --base: {base!r} is a random preset, not a folder of weights")
-        from vlft.generate import _run_seed
-        from vlft.model import build_model, preset, save_pretrained
+        from vlft.model import save_pretrained
 
-        torch.manual_seed(_run_seed(ckpt))
-        save_pretrained(build_model(preset("tiny")), scratch)
+        save_pretrained(rebuild_preset(base, ckpt), scratch)
         return scratch
     p = Path(base)
     if not (p / "config.json").is_file():

@@ -2,10 +2,10 @@
 
     vlft generate --model DIR [--adapter CKPT] [--image PATH ...] [--video PATH ...] --prompt "..." [--prompt ...]
 
-Positions (sheet 7.5): the prompt gets get_rope_index's [3, B, L] ids and rope_delta = max + 1 - L (L the padded
-length); the token written at cache length c gets position c + rope_delta in all three rows, i.e. the k-th generated
-token of a row sits at max(prompt positions) + 1 + k. Batches are left-padded so that every row's next token is the
-last column; padded keys are masked out of attention at every step.
+Positions (docs/positions.md#generation): the prompt gets get_rope_index's [3, B, L] ids and rope_delta =
+max + 1 - L (L the padded length); the token written at cache length c gets position c + rope_delta in all three
+rows, i.e. the k-th generated token of a row sits at max(prompt positions) + 1 + k. Batches are left-padded so that
+every row's next token is the last column; padded keys are masked out of attention at every step.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from vlft.data.collator import concat_media, to_device
+from vlft.data.image import MERGE_SIZE
+from vlft.lora_merge import apply_adapter, load_adapter, resolve_checkpoint
 from vlft.model import get_rope_index
-
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+from vlft.model.vision_index import merged_tokens
+from vlft.run_folder import rebuild_preset
 
 
 # ============================================================================= decoding
@@ -164,7 +167,7 @@ def process_media(media: list, limits: MediaLimits, tokens_per_second: float, ca
                                            max_pixels=limits.video_max_pixels, total_pixels=limits.video_total_pixels,
                                            tokens_per_second=tokens_per_second)
         (images if m.kind == "image" else videos).append(cache[key])
-        tokens.append(int(cache[key][1].prod()) // 4)
+        tokens.append(merged_tokens(cache[key][1], MERGE_SIZE))
     out = {}
     if images:
         out["pixel_values"] = torch.cat([p for p, _ in images])
@@ -204,12 +207,7 @@ def left_pad(samples: list[dict], pad_id: int) -> dict:
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[b, L - n:], mask[b, L - n:] = s["input_ids"], 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    for key in MEDIA_KEYS:
-        parts = [s[key] for s in samples if s.get(key) is not None]
-        if parts:
-            batch[key] = torch.cat(parts)
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, **concat_media(samples)}
 
 
 # ============================================================================= loading
@@ -221,8 +219,7 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
     `tokenizer_dir`, else the base folder."""
     from transformers import AutoTokenizer
 
-    from vlft.export import apply_adapter, load_adapter, resolve_checkpoint
-    from vlft.model import build_model, load_pretrained, preset
+    from vlft.model import load_pretrained
     from vlft.model.weights import DTYPES
 
     if device == "auto":
@@ -237,9 +234,7 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
     else:
         torch_dtype = DTYPES[dtype]
     if str(model_dir).startswith("preset:"):
-        seed = _run_seed(ckpt)
-        torch.manual_seed(seed)
-        model = build_model(preset(model_dir.split(":", 1)[1]), dtype=torch_dtype or torch.float32, device=device)
+        model = rebuild_preset(model_dir, ckpt, torch_dtype or torch.float32, device)
         model.config.attn_implementation = attn
         base_folder = None
     else:
@@ -255,14 +250,6 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
         raise FileNotFoundError(f"no tokenizer files in {', '.join(map(str, candidates)) or 'the inputs'}")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_folder))
     return model, tokenizer, MediaLimits.from_folders(folders), folders
-
-
-def _run_seed(ckpt: Path | None) -> int:
-    import yaml
-
-    if ckpt is not None and (ckpt / "config.yaml").is_file():
-        return int((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("train", {}).get("seed", 42))
-    return 42
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -295,10 +282,6 @@ def sampling_kwargs(args, tokenizer, model) -> dict:
                 eos_token_id=stop_ids(tokenizer, model),
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.bos_token_id,
                 generator=torch.Generator(device=model.lm_head.weight.device).manual_seed(args.seed))
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

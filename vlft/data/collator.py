@@ -23,6 +23,25 @@ from vlft.data.template import IGNORE_INDEX
 from vlft.loss import shifted_targets
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# Batch keys that stay on the host: the model reads grids and packed-segment boundaries as Python numbers, and a
+# device copy would cost a device-to-host sync in the forward pass.
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens")
+
+
+def concat_media(samples: list[dict]) -> dict:
+    """The media tensors of several samples concatenated in sample order, the order their tokens take in a batch."""
+    out = {}
+    for key in MEDIA_KEYS:
+        parts = [s[key] for s in samples if s.get(key) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move a collated batch to `device`, keeping grids and segment boundaries on the host."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
+            for k, v in batch.items()}
 
 
 def sample_position_ids(model_config, sample: dict) -> torch.Tensor:
@@ -56,13 +75,7 @@ class Collator:
     def _round(self, n: int) -> int:
         return -(-n // self.multiple) * self.multiple
 
-    def _media(self, ordered: list[dict]) -> dict:
-        out = {}
-        for key in MEDIA_KEYS:
-            parts = [s[key] for s in ordered if key in s]
-            if parts:
-                out[key] = torch.cat(parts)
-        return out
+    _media = staticmethod(concat_media)
 
     def _padded(self, samples: list[dict]) -> dict:
         B, L = len(samples), self._round(max(len(s["input_ids"]) for s in samples))

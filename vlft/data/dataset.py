@@ -21,9 +21,10 @@ import torch
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError, TooManySkipped, sample_label
 from vlft.data.formats import MediaResolver, RecordSource, to_messages
-from vlft.data.image import process_image
+from vlft.data.image import MERGE_SIZE, process_image
 from vlft.data.template import IGNORE_INDEX, SpecialIds, encode_conversation, media_of
 from vlft.data.video import process_video
+from vlft.model.vision_index import merged_tokens
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class SampleProcessor:
                                                    tokens_per_second=self.tokens_per_second,
                                                    max_decode_pixels=self.cfg.max_decode_pixels)
                     videos.append((px, grid, secs))
-                tokens.append(int(grid.prod()) // 4)
+                tokens.append(merged_tokens(grid, MERGE_SIZE))
             input_ids, labels = self.encode(messages, tokens)
         except BadInput as e:
             raise SampleError(name, index, str(e), where=where) from None

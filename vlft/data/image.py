@@ -1,4 +1,4 @@
-"""Image preprocessing for Qwen2.5-VL (sheet 2.2-2.6), matching transformers' PIL-backend Qwen2-VL image processor.
+"""Image preprocessing for Qwen2.5-VL, matching transformers' PIL-backend Qwen2-VL image processor pixel for pixel.
 
 Steps: RGB conversion (transparency composited on white) -> smart_resize to multiples of 28 px -> PIL bicubic on uint8
 -> rescale 1/255 in float64 then float32 -> CLIP mean/std -> 14x14 patches in merge-block-major order, each frame
@@ -26,7 +26,8 @@ FACTOR = PATCH_SIZE * MERGE_SIZE  # 28 px: one merged token covers 28x28 pixels
 MAX_RATIO = 200
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Hub limits (sheet 2.1). vlft's fine-tuning default (DataConfig.max_pixels) is much lower: see vlft/data/config.py.
+# Limits of the released preprocessor_config.json. vlft's fine-tuning default (DataConfig.max_pixels) is much lower:
+# see vlft/data/config.py.
 HUB_MIN_PIXELS = 4 * FACTOR * FACTOR  # 3136
 HUB_MAX_PIXELS = 16384 * FACTOR * FACTOR  # 12845056
 
@@ -39,7 +40,8 @@ ImageLike = Union[str, os.PathLike, Image.Image]
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
-    """Target (h, w), multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect ratio kept (sheet 2.2).
+    """Target (h, w), multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect ratio kept (transformers'
+    smart_resize rule; qwen-vl-utils differs only for images so thin that a side rounds to 0).
 
     Python's round() rounds half to even, as transformers does. Steps 3/4 use the original size, not the rounded one.
     """
@@ -141,7 +143,7 @@ def patchify_normalize(frames_THWC: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def patchify(frames_TCHW: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Cut T frames (T even) of size (H, W), multiples of 28, into rows of 1176 (sheet 2.6 / 3.2).
+    """Cut T frames (T even) of size (H, W), multiples of 28, into rows of 1176 (docs/vision.md#patch-rows).
 
     Rows go temporal group first, then merge block (bh, bw), then (mh, mw) inside the block, so that each 2x2 group of
     patches the merger joins is 4 consecutive rows. Each row is flattened (c, t, py, px).

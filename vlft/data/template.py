@@ -1,4 +1,5 @@
-"""Qwen2.5-VL chat template (sheet 4.2), placeholder expansion (4.3), tokenisation and assistant-only labels.
+"""Qwen2.5-VL chat template, placeholder expansion (one pad token per merged cell), tokenisation and assistant-only
+labels.
 
 The conversation is rendered into pieces: text, special ids, and vision blocks already expanded to their pad tokens.
 Adjacent text is joined before tokenising, so the ids equal tokenising the whole rendered string (what transformers'

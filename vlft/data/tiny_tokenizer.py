@@ -1,5 +1,5 @@
 """A tiny Qwen-style tokenizer for tests and demos: byte-level BPE whose vocabulary is the 256 byte symbols (ids 0..255,
-id = byte value), then Qwen's 22 added tokens in Qwen's order from id 256 (sheet 4.1; ids match
+id = byte value), then Qwen's 22 added tokens in Qwen's order from id 256 (<|endoftext|>, <|im_start|>, ...; ids match
 vlft.model.config.TINY_IDS), then optional whole words as single tokens from id 278. The saved folder carries the
 Qwen2.5-VL chat template, so `AutoTokenizer.from_pretrained(dir)` and `Qwen2_5_VLProcessor` load it.
 """
@@ -26,8 +26,8 @@ NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>"
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
 
-# Qwen2.5-VL chat template, written from the behaviour in sheet 4.2: default system prompt, one vision block per
-# image/video item, text items copied, optional "Picture k: " / "Video k: " labels, optional generation prompt.
+# Qwen2.5-VL chat template, written from the released chat_template.json's behaviour: default system prompt, one
+# vision block per image/video item, text items copied, optional "Picture k: " / "Video k: " labels, optional generation prompt.
 CHAT_TEMPLATE = (
     "{%- set image_count = namespace(value=0) -%}"
     "{%- set video_count = namespace(value=0) -%}"

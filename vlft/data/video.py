@@ -1,4 +1,4 @@
-"""Video preprocessing (sheet 3.1 and 3.3): PyAV reading with seeking, frame sampling, per-frame pixel budget,
+"""Video preprocessing (qwen-vl-utils' rules): PyAV reading with seeking, frame sampling, per-frame pixel budget,
 the image patch layout per temporal group, and `second_per_grid_ts` from the frames actually sampled.
 
 A video is a file PyAV can open (mp4, webm, mkv, ...), a folder of frame images (sorted by name) or a list of frame
@@ -50,7 +50,7 @@ class VideoInfo:
 
 def smart_nframes(total: int, video_fps: float, fps: float | None = FPS, nframes: int | None = None,
                   min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES) -> int:
-    """How many frames to keep (sheet 3.1): an even count in [2, total]."""
+    """How many frames to keep (qwen-vl-utils' smart_nframes rule): an even count in [2, total]."""
     if nframes is not None:
         n = round(nframes / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
     else:
@@ -66,7 +66,7 @@ def smart_nframes(total: int, video_fps: float, fps: float | None = FPS, nframes
 
 
 def frame_budget(n: int, min_pixels: int, max_pixels: int, total_pixels: int) -> tuple[int, int]:
-    """Per-frame (min_pixels, max_pixels) so that n frames fit the total budget (sheet 3.1)."""
+    """Per-frame (min_pixels, max_pixels) so that n frames fit the total budget (qwen-vl-utils' rule)."""
     cap = max(min(VIDEO_MAX_PIXELS, total_pixels / n * TEMPORAL_PATCH_SIZE), int(min_pixels * 1.05))
     return min_pixels, int(min(max_pixels, cap))
 
@@ -196,7 +196,7 @@ def process_video(
     """A video -> (pixel_values_videos [t*gh*gw, 1176] float32, video_grid_thw [1, 3] int64, second_per_grid_ts
     [1] float32), plus a VideoInfo when return_info.
 
-    fps or nframes choose how many frames are kept (sheet 3.1), start/end (seconds) restrict a file to a range.
+    fps or nframes choose how many frames are kept (smart_nframes), start/end (seconds) restrict a file to a range.
     second_per_grid_ts = 2 / (frames kept / frames in range * source fps). A warning is logged when that interval
     times tokens_per_second is below 1, i.e. consecutive temporal groups would share a time position id.
     Frames larger than `max_decode_pixels` (from the header) make the video a bad input before anything is decoded.

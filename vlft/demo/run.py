@@ -34,7 +34,7 @@ DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 EVAL_BATCH = 32
 MAX_NEW_TOKENS = 4  # an answer is one word token and <|im_end|>; more would only show a model that rambles
 
-# Targets of issue 6 (checked and reported, see `verdict`).
+# The demo's learning targets (checked and reported, see `verdict`).
 PICTURE_TARGET, TIME_TARGET, FROZEN_DROP, FROZEN_CEILING = 90.0, 80.0, 40.0, 50.0
 
 
@@ -220,7 +220,7 @@ def plot_losses(train_dir: Path, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- 7. summary
 def verdict(kinds: list[str], before, after, frozen, agree: bool) -> dict[str, bool]:
-    """Issue 6's targets, each as a named pass/fail."""
+    """The demo's targets, each as a named pass/fail."""
     checks = {}
     for k in kinds:
         needs, ch = task.KINDS[k][1], 100 * task.chance(k)
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     phase("training")
 
     # ---- 5. after training, and with frozen frames
-    from vlft.export import resolve_checkpoint
+    from vlft.lora_merge import resolve_checkpoint
 
     ckpt = resolve_checkpoint(out / "train")
     model, tokenizer, limits, _ = load_for_inference(str(out / "base"), adapter=str(ckpt), dtype="fp32",

@@ -1,7 +1,7 @@
 """The demo task: small pictures and videos with one-word answers, written to disk in the messages format.
 
 The task is shaped to the model's patch grid, because a tiny random model learns what lines up with its tokens and
-little else in a few CPU minutes (issue 6's experiments):
+little else in a few CPU minutes (what the experiments behind this demo showed):
 
 - A picture is 112x112 px, a 4x4 grid of 28-px cells; one merged visual token covers one cell. Each picture holds
   shapes, each inside one cell, with jittered size, offset and shade so that no two pictures are equal.

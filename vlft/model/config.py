@@ -2,7 +2,8 @@
 
 Read from an HF `config.json` in either the flat Hub form (text fields at the root, `rope_scaling`) or the nested v5 form
 (`text_config` with `rope_parameters`); written back in the flat Hub form, which every transformers release and the
-serving engines read. Presets give the released sizes (sheet 1.3) and a tiny one for tests and demos.
+serving engines read. Presets give the released sizes (docs/checkpoints.md#model-sizes) and a tiny one for tests and
+demos.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ TINY_IDS = dict(
 
 
 def preset(name: str) -> ModelConfig:
-    """Released sizes ("3B", "7B", "32B", "72B", sheet 1.3) or "tiny" (CPU tests and demos)."""
+    """Released sizes ("3B", "7B", "32B", "72B", docs/checkpoints.md#model-sizes) or "tiny" (CPU tests and demos)."""
     name = name.upper() if name.lower() != "tiny" else "tiny"
     sizes = {
         # hidden, inter, layers, heads, kv, vocab, tie, vision inter

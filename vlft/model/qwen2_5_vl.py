@@ -1,4 +1,4 @@
-"""Qwen2.5-VL for conditional generation: vision tower + Qwen2 decoder + head (sheet sections 0 and 6.1).
+"""Qwen2.5-VL for conditional generation: vision tower + Qwen2 decoder + head (docs/overview.md#the-model).
 
 Module tree = checkpoint keys: `visual.*`, `model.*` (embed_tokens, layers, norm), `lm_head`.
 """

@@ -1,7 +1,7 @@
 """3D (t, h, w) position ids for M-RoPE: `get_rope_index`, a pure function the collator calls per sample.
 
-Implements the reference rule of the Qwen2.5-VL release (sheet 7.3), which the released checkpoints were trained with and
-serving engines use:
+Implements the reference rule of the Qwen2.5-VL release (docs/positions.md), which the released checkpoints were
+trained with and serving engines use:
 - text before a vision block continues from max(all positions so far) + 1, one id per token, equal in all three rows;
 - a vision block of grid (t, h, w) takes merged cells (i, j, k) over (t, h/m, w/m) in raster order with
   t-row = start + trunc(i * second_per_grid_t * tokens_per_second)  (multiplied in float, truncated once; images use 0),
@@ -26,7 +26,8 @@ def vision_block_positions(t: int, h: int, w: int, start: int, interval: float) 
     i = torch.arange(t).view(-1, 1, 1).expand(t, h, w)
     j = torch.arange(h).view(1, -1, 1).expand(t, h, w)
     k = torch.arange(w).view(1, 1, -1).expand(t, h, w)
-    # float multiply first, one truncation (sheet 10.2: truncating second_per_grid_t to int first collapses ids)
+    # float multiply first, one truncation: truncating second_per_grid_t to int first (transformers 4.52-4.57) collapses
+    # the time ids of videos sampled above 2 fps (docs/positions.md#where-transformers-5x-differs)
     t_ids = (i.to(torch.float64) * interval).long()
     return torch.stack([t_ids.flatten(), j.flatten(), k.flatten()]) + start
 

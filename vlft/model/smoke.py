@@ -8,6 +8,7 @@ import time
 import torch
 
 from vlft.model import build_model, get_rope_index, preset
+from vlft.model.vision_index import merged_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = preset("tiny")
     model = build_model(cfg).eval()
     img, vid = (1, 8, 12), (2, 8, 8)
-    ids = ([1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * (8 * 12 // 4) + [cfg.vision_end_token_id, 3]
-           + [cfg.vision_start_token_id] + [cfg.video_token_id] * (2 * 8 * 8 // 4) + [cfg.vision_end_token_id, 4])
+    m = cfg.vision.spatial_merge_size
+    vs, ve = cfg.vision_start_token_id, cfg.vision_end_token_id
+    ids = ([1, 2, vs] + [cfg.image_token_id] * merged_tokens(img, m) + [ve, 3]
+           + [vs] + [cfg.video_token_id] * merged_tokens(vid, m) + [ve, 4])
     input_ids = torch.tensor([ids])
     kw = dict(pixel_values=torch.randn(96, 1176), image_grid_thw=torch.tensor([img]),
               pixel_values_videos=torch.randn(128, 1176), video_grid_thw=torch.tensor([vid]),

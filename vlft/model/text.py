@@ -1,4 +1,4 @@
-"""Qwen2 decoder with multimodal rotary embeddings (M-RoPE), sheet section 6.
+"""Qwen2 decoder with multimodal rotary embeddings (M-RoPE, docs/rotary.md#text-m-rope).
 
 Plain single-device PyTorch; module names are the Hub checkpoint keys under `model.` (`layers.N.self_attn.q_proj`...).
 """
@@ -14,7 +14,7 @@ from vlft.model.attention import batch_attention, segment_attention
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)) with the normalisation in float32 and the weight applied in the input dtype (sheet 5.4)."""
+    """y = w * (x / rms(x)): normalised in float32, cast back, then the weight applied (docs/numerics.md#dtype-flow)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -38,7 +38,8 @@ _INV_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
 def rope_inv_freq(dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """1 / theta^(2j/dim) in float32, computed on the host and cached per device.
 
-    Kept out of the module's buffers on purpose: `model.to(bfloat16)` would round buffers to bf16 (sheet 8.1).
+    Kept out of the module's buffers on purpose: `model.to(bfloat16)` would round buffers to bf16
+    (docs/numerics.md#rotary-frequencies-stay-float32).
     """
     key = (dim, float(theta), str(device))
     if key not in _INV_FREQ_CACHE:
@@ -53,7 +54,8 @@ def mrope_cos_sin(position_ids_3BL: torch.Tensor, head_dim: int, theta: float, m
 
     Frequency j takes its position from row t, h or w by section ([16, 24, 24] on the released models: the first 16
     frequencies follow time, the next 24 height, the last 24 width); the same split is repeated for the second half.
-    Angles in float32, cos/sin cast to the activation dtype (what the released model computes, sheet 6.3 / 8.3).
+    Angles in float32, cos/sin cast to the activation dtype (what the released model computes,
+    docs/numerics.md#dtype-flow).
     """
     inv = rope_inv_freq(head_dim, theta, position_ids_3BL.device)  # [D/2]
     angles = position_ids_3BL[..., None].float() * inv  # [3, B, L, D/2]

@@ -1,4 +1,4 @@
-"""Vision tower of Qwen2.5-VL (`visual.*` in the checkpoint), sheet section 5.
+"""Vision tower of Qwen2.5-VL (`visual.*` in the checkpoint), docs/vision.md.
 
 Patch embedding -> rows regrouped window by window -> blocks (window attention, full attention at
 `fullatt_block_indexes`) with 2D rotary -> merger (RMSNorm, 2x2 concat, MLP) -> original order restored.
@@ -44,7 +44,7 @@ class VisionAttention(nn.Module):
     def forward(self, x_ND, cos_N1D, sin_N1D, cu_seqlens, impl, cu_dev=None):
         N = x_ND.shape[0]
         q, k, v = self.qkv(x_ND).view(N, 3, self.heads, self.head_dim).unbind(1)
-        # rotary in float32, then back to the activation dtype (sheet 8.2)
+        # rotary in float32, then back to the activation dtype (docs/numerics.md#dtype-flow)
         q = (q.float() * cos_N1D + rotate_half(q.float()) * sin_N1D).to(x_ND.dtype)
         k = (k.float() * cos_N1D + rotate_half(k.float()) * sin_N1D).to(x_ND.dtype)
         o = segment_attention(q, k, v, cu_seqlens, causal=False, impl=impl, cu_seqlens_dev=cu_dev)

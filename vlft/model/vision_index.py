@@ -1,4 +1,4 @@
-"""Index arithmetic of the vision tower as pure functions of the patch grids (sheet 5.2, 5.3).
+"""Index arithmetic of the vision tower as pure functions of the patch grids (docs/vision.md).
 
 Everything here runs on the host from the grid list, so the tower itself never reads a device value back.
 Grids are [t, h, w] in patch units; h and w are even (multiples of the 2x2 merge).
@@ -6,7 +6,16 @@ Grids are [t, h, w] in patch units; h and w are even (multiples of the 2x2 merge
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def merged_tokens(grid_thw: Sequence[int] | torch.Tensor, merge: int) -> int:
+    """LLM tokens of one image or video of grid (t, h, w) patches: the merger turns each merge x merge group of
+    patches into one token, so t*h*w / merge^2."""
+    t, h, w = (int(x) for x in torch.as_tensor(grid_thw).reshape(3).tolist())
+    return t * h * w // (merge * merge)
 
 
 def rotary_pos_ids(grids: list[list[int]], merge: int) -> torch.Tensor:

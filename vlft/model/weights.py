@@ -1,4 +1,4 @@
-"""Read and write Hugging Face checkpoint folders (safetensors only) by identical key names (sheet 9.1).
+"""Read and write Hugging Face checkpoint folders (safetensors only) by identical key names (docs/checkpoints.md).
 
 Reading builds the model on the meta device and fills it shard by shard with `load_state_dict(assign=True)`, so host
 memory peaks near one copy of the weights. Keys in the transformers v5 layout (`model.language_model.*`,
