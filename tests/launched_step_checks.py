@@ -1,0 +1,109 @@
+"""Run under `accelerate launch` by tests/test_step_checks.py (not a test module itself).
+
+    launched_step_checks.py nan CONFIG OUT.json      an inf loss in the middle of an accumulation window on one rank
+                                                     drops the whole step: trainable and optimizer state unchanged
+    launched_step_checks.py count CONFIG OUT.json    collectives made from Python per optimizer step of the loop
+
+Rank 0 writes OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from vlft.config import load_experiment
+from vlft.distributed import gather_optimizer_state, gather_trainable
+from vlft.train_cli import load_recipe
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier", "gather",
+               "scatter", "all_to_all", "all_to_all_single", "send", "recv")
+
+
+def full_state(s) -> dict[str, torch.Tensor]:
+    return {**gather_trainable(s.accelerator, s.model),
+            **{f"opt/{k}": v for k, v in gather_optimizer_state(s.accelerator, s.model, s.optimizer).items()}}
+
+
+def check_nan(recipe, cfg) -> dict:
+    from tqdm import tqdm
+
+    s = recipe.build(cfg)
+    state = recipe.resume(s)
+    s.progress = tqdm(disable=True)
+    s.stream = recipe.DataStream(s, state["position"])
+    history: list = []
+    forward, calls = recipe.forward, {"n": 0}
+    rank = s.accelerator.process_index
+
+    def poisoned(setup, batch):
+        out = forward(setup, batch)
+        calls["n"] += 1
+        # the 2nd of 3 micro-batches of the 2nd step, on rank 1 only. An infinite loss whose gradients stay finite:
+        # DeepSpeed's own overflow check (which skips steps with non-finite gradients) does not see it.
+        if calls["n"] == cfg.train.gradient_accumulation + 2 and rank == 1:
+            out.loss_sum = out.loss_sum + float("inf")
+        return out
+
+    recipe.forward = poisoned
+
+    def step():
+        window = s.stream.window()
+        counts = recipe.bookkeeping(s, window, None)
+        pending = recipe.forward_backward(s, window, counts["label_tokens"])
+        pending["counts"] = counts
+        recipe.finish_step(s, state, pending, recipe.bookkeeping(s, None, pending), history)
+
+    step()
+    before = full_state(s)
+    step()  # poisoned
+    after_bad = full_state(s)
+    step()
+    after_good = full_state(s)
+    s.stream.close()
+    return {"steps": state["step"], "skipped_steps": state["skipped_steps"], "tensors": len(before),
+            "optimizer_tensors": sum(k.startswith("opt/") for k in before),
+            "unchanged": all(torch.equal(before[k], after_bad[k]) for k in before) and before.keys() == after_bad.keys(),
+            "changed_after_next_good_step": any(not torch.equal(before[k], after_good[k]) for k in before)}
+
+
+def count_collectives(recipe, cfg) -> dict:
+    counter = {"n": 0}
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapped(*args, _original=original, **kwargs):
+            counter["n"] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+    per_step, finish = [], recipe.finish_step
+
+    def counted(s, state, pending, totals, history):
+        per_step.append(counter["n"])
+        return finish(s, state, pending, totals, history)
+
+    recipe.finish_step = counted
+    recipe.run(cfg)
+    return {"collectives_before_each_finish": per_step,
+            "per_step": [b - a for a, b in zip(per_step, per_step[1:])]}
+
+
+def main() -> None:
+    mode, config, out = sys.argv[1:4]
+    recipe = load_recipe()
+    cfg = load_experiment(config, sys.argv[4:])
+    result = check_nan(recipe, cfg) if mode == "nan" else count_collectives(recipe, cfg)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
