@@ -36,6 +36,7 @@ from vlft.data.collator import to_device
 from vlft.data.dataset import skip_summary
 from vlft.data.lengths import dataset_lengths, epoch_lengths
 from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
+from vlft.data.streaming import TrainStream, pad_plan, window_size
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
                               reduce_sum)
 from vlft.errors import UserError
@@ -101,15 +102,21 @@ def build(cfg: ExperimentConfig) -> Setup:
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.path)  # never trust_remote_code
     model_config = _model_config(cfg)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, model_config.vision.tokens_per_second)
-    if not hasattr(train_ds, "__len__"):
-        raise NotImplementedError("data: streaming datasets are not supported by the recipe yet")
     plan = PlanSettings.from_config(cfg.data, cfg.train.micro_batch_size)
-    lengths = _length_index(cfg, accelerator, train_ds) if (plan.packing or plan.group_by_length) else None
+    streaming = isinstance(train_ds, TrainStream)  # measured window by window instead of indexed up front
+    lengths = (_length_index(cfg, accelerator, train_ds) if (plan.packing or plan.group_by_length) and not streaming
+               else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_id
     collate = Collator(model_config, pad_id, packing=cfg.data.packing, max_length=cfg.data.max_length)
     skips = SkipCounter(cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples)
-    per_epoch, plan_note = _steps_per_epoch(cfg, plan, train_ds, lengths, accelerator.num_processes)
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
+    if streaming:  # the stream's length is unknown: check_inputs made sure train.max_steps is set
+        total_steps = cfg.train.max_steps
+        plan_note = (f"batch plan: streamed in windows of {window_size(cfg.data, plan.micro_batch_size)} records, each "
+                     f"shuffled and cut into micro-batches of {plan.micro_batch_size} "
+                     f"{'packed row(s)' if plan.packing else 'sample(s)'}; {total_steps} optimizer steps")
+    else:
+        per_epoch, plan_note = _steps_per_epoch(cfg, plan, train_ds, lengths, accelerator.num_processes)
+        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
 
     torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
     dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
@@ -187,6 +194,9 @@ class DataStream:
         self._batches.close()  # the loader's iterator goes with the generator's frame; its __del__ stops the workers
 
     def _iterate(self) -> Iterator[tuple[dict, dict]]:
+        if isinstance(self.s.train_ds, TrainStream):
+            yield from self._iterate_stream()
+            return
         s, (epoch, index, start) = self.s, (self.position[k] for k in ("epoch", "index", "start"))
         while True:
             s.train_ds.set_epoch(epoch)  # the dataset reshuffles from data.seed + epoch: the same order on every rank
@@ -195,6 +205,23 @@ class DataStream:
             for k, batch in enumerate(_loader(s, s.train_ds, share, s.cfg.train.seed + epoch)):
                 yield batch, {"epoch": epoch, "index": index + (k + 1) * s.world, "start": start, "plan": plan}
             epoch, index, start = epoch + 1, 0, 0
+
+    def _iterate_stream(self) -> Iterator[tuple[dict, dict]]:
+        """The same for a streamed training mix: windows of the stream, each planned like a small epoch and completed
+        to whole steps with empty micro-batches, so every rank runs the same calls (see vlft/data/streaming.py)."""
+        s, cfg = self.s, self.s.cfg
+        epoch, skip, index = (self.position.get(k, 0) for k in ("epoch", "window", "index"))
+        size, per_step = window_size(cfg.data, s.plan.micro_batch_size), s.world * cfg.train.gradient_accumulation
+        while True:
+            for number, records in s.train_ds.windows(epoch, size, skip):
+                lengths = records.lengths() if (s.plan.packing or s.plan.group_by_length) else [0] * len(records)
+                plan = pad_plan(plan_epoch(lengths, s.plan, epoch, salt=str(number)), per_step)
+                share = rank_share(plan, index, s.world, s.accelerator.process_index)
+                for k, batch in enumerate(_loader(s, records, share, cfg.train.seed + epoch)):
+                    yield batch, {"epoch": epoch, "window": number, "index": index + (k + 1) * s.world, "start": 0,
+                                  "plan": plan}
+                index = 0
+            epoch, skip = epoch + 1, 0
 
     def window(self) -> Window:
         batches, counts, position = [], [0, 0, 0, 0], None
@@ -357,7 +384,8 @@ def save(s: Setup, state: dict) -> Path:
     position = dict(state["position"])
     position["start"] = resume_position(position)  # where a changed plan may restart without skipping a sample
     saved = {k: v for k, v in state.items() if k != "position"}
-    saved.update(epoch=position["epoch"], index=position["index"], plan_start=position["start"],
+    saved.update(epoch=position["epoch"], window=position.get("window", 0), index=position["index"],
+                 plan_start=position["start"],
                  epoch_start=state["position"]["start"], plan=s.plan.fingerprint(), run_id=s.run_id,
                  gradient_accumulation=cfg.train.gradient_accumulation, micro_batch_size=cfg.train.micro_batch_size)
 
@@ -397,17 +425,25 @@ def resume(s: Setup) -> dict:
     saved = load_checkpoint(acc, s.model, s.optimizer, s.scheduler, resume_from)
     state.update({k: saved[k] for k in state if k in saved and k != "position"})
     state["last_saved"] = state["step"]
-    position = {"epoch": saved["epoch"], "index": saved["index"], "start": saved.get("epoch_start", 0), "plan": []}
+    position = {"epoch": saved["epoch"], "window": saved.get("window", 0), "index": saved["index"],
+                "start": saved.get("epoch_start", 0), "plan": []}
     notes = []
-    if saved.get("plan") != s.plan.fingerprint():
-        position.update(index=0, start=saved["plan_start"])
-        notes.append(f"the batch plan changed (micro_batch_size/max_length/packing/seed): epoch {saved['epoch']} "
-                     f"continues from its sample {saved['plan_start']}, the first one not yet seen")
     before = saved.get("world_size", s.world) * saved.get("gradient_accumulation", cfg.train.gradient_accumulation)
-    if before != s.world * cfg.train.gradient_accumulation:
-        notes.append(f"a step held {before} micro-batches and now holds {s.world * cfg.train.gradient_accumulation} "
-                     f"({s.world} processes x {cfg.train.gradient_accumulation} accumulation): the data continues "
-                     "from the same global micro-batch, but steps are no longer the same as the saved run's")
+    now = s.world * cfg.train.gradient_accumulation
+    if before != now:
+        notes.append(f"a step held {before} micro-batches and now holds {now} ({s.world} processes x "
+                     f"{cfg.train.gradient_accumulation} accumulation): the data continues from the same global "
+                     "micro-batch, but steps are no longer the same as the saved run's")
+    streaming = isinstance(s.train_ds, TrainStream)
+    if saved.get("plan") != s.plan.fingerprint() or (streaming and before != now):
+        if streaming:  # a window's plan is completed to whole steps: it is planned again from its first record
+            position.update(index=0)
+            notes.append(f"the batch plan changed: window {position['window']} of epoch {saved['epoch']} of the "
+                         "stream is read again from its start")
+        else:
+            position.update(index=0, start=saved["plan_start"])
+            notes.append(f"the batch plan changed (micro_batch_size/max_length/packing/seed): epoch {saved['epoch']} "
+                         f"continues from its sample {saved['plan_start']}, the first one not yet seen")
     state["position"] = position
     s.tracker.console(f"resumed from {resume_from} at step {state['step']}" + "".join(f"; {n}" for n in notes))
     return state

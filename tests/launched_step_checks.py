@@ -3,6 +3,7 @@
     launched_step_checks.py nan CONFIG OUT.json      an inf loss in the middle of an accumulation window on one rank
                                                      drops the whole step: trainable and optimizer state unchanged
     launched_step_checks.py count CONFIG OUT.json    collectives made from Python per optimizer step of the loop
+    launched_step_checks.py stream CONFIG OUT.json   which records of a streamed dataset each rank trained on, by epoch
 
 Rank 0 writes OUT.json.
 """
@@ -95,11 +96,34 @@ def count_collectives(recipe, cfg) -> dict:
             "per_step": [b - a for a, b in zip(per_step, per_step[1:])]}
 
 
+def record_stream_use(recipe, cfg) -> dict:
+    from vlft.data.streaming import TrainStream, Window
+
+    epoch_now, seen = {"epoch": 0}, []
+    windows, getitem = TrainStream.windows, Window.__getitem__
+
+    def tagged_windows(self, epoch, size, skip=0):
+        for number, window in windows(self, epoch, size, skip):
+            epoch_now["epoch"] = epoch
+            yield number, window
+
+    def recorded(self, i):
+        seen.append((epoch_now["epoch"], self.records[i][1]))
+        return getitem(self, i)
+
+    TrainStream.windows, Window.__getitem__ = tagged_windows, recorded
+    result = recipe.run(cfg)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {"seen": seen, "steps": len(result["losses"])})
+    return {"ranks": every}
+
+
 def main() -> None:
     mode, config, out = sys.argv[1:4]
     recipe = load_recipe()
     cfg = load_experiment(config, sys.argv[4:])
-    result = check_nan(recipe, cfg) if mode == "nan" else count_collectives(recipe, cfg)
+    checks = {"nan": check_nan, "count": count_collectives, "stream": record_stream_use}
+    result = checks[mode](recipe, cfg)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)

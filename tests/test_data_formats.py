@@ -137,7 +137,7 @@ def test_json_list_parquet_and_streaming(tok, root):
     stream_cfg = DataConfig(datasets=[DatasetConfig(path=str(root / "a.json"), streaming=True),
                                       DatasetConfig(path=write_jsonl(root / "c.jsonl", recs), streaming=True)], **SMALL)
     train, _ = build_datasets(stream_cfg, tok)
-    items = list(train)
+    items = [window[i] for _, window in train.windows(epoch=0, size=4) for i in range(len(window))]
     assert len(items) == 6 and not any(isinstance(x, Skipped) for x in items)
 
 

@@ -441,9 +441,15 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     else:
         check_tokenizer_path("model.path (the tokenizer folder while data.tokenizer is unset)", cfg.model.path)
     check_data_inputs(cfg.data)
-    for i, d in enumerate(cfg.data.datasets):
-        if d.streaming:  # exact resume and equal step counts on every rank need an indexable dataset
-            raise ConfigError(f"data.datasets[{i}].streaming: training reads indexable datasets only; set it to false")
+    streamed = [i for i, d in enumerate(cfg.data.datasets) if d.streaming]
+    if streamed:  # see vlft/data/streaming.py
+        key = f"data.datasets[{streamed[0]}].streaming"
+        if cfg.train.max_steps <= 0:
+            raise ConfigError(f"{key}: a stream has no known length; set train.max_steps (the stream is read again "
+                              "from its start when it ends)")
+        if cfg.data.eval_split > 0:
+            raise ConfigError(f"{key}: data.eval_split needs indexed datasets; give the held-out set as "
+                              "data.eval_datasets instead")
     resume = cfg.checkpoint.resume
     if resume not in (None, "auto") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume: checkpoint folder not found: {resume} {NOT_FOUND_HINT}")

@@ -96,7 +96,7 @@ def reduce_sum(accelerator: Accelerator, values: list[float | torch.Tensor]) -> 
     return t.tolist()
 
 
-from vlft.errors import UserError
+# ---------------------------------------------------------------------------------------------- evaluation order
 def eval_rank_batches(num_samples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
     """Evaluation batches: every sample exactly once, in order, and the same number of batches on every rank (ZeRO-3
     needs equal forward counts). A rank past the end gets empty batches, which the recipe runs with no supervised

@@ -21,7 +21,7 @@ from pathlib import Path
 from vlft.config import (ConfigError, absolute_path, build, check_data_inputs, check_tokenizer_path, load_config_tree,
                          load_yaml)
 from vlft.data.config import DataConfig, validate_data
-from vlft.data.dataset import SampleProcessor, dataset_name
+from vlft.data.sample import SampleProcessor, dataset_name
 from vlft.data.errors import SampleError, sample_label
 from vlft.data.formats import RecordSource
 

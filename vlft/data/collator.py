@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vlft.data.dataset import Skipped
+from vlft.data.sample import Skipped
 from vlft.data.packing import cu_seqlens_for_rows, pack_first_fit
 from vlft.data.template import IGNORE_INDEX
 from vlft.loss import shifted_targets

@@ -29,6 +29,9 @@ class DatasetConfig:
     format: Literal["auto", "llava", "messages"] = "auto"
     weight: float = 1.0  # sampling multiplier: an epoch holds round(weight * len) samples of this dataset
     media_root: Optional[str] = None  # relative media paths resolve here; default: the dataset file's folder
+    # Read as a stream, never indexed or held whole (datasets larger than memory). If any training dataset streams,
+    # the whole training mix does: it is read in windows, shuffled within each window, and needs train.max_steps
+    # (see vlft/data/streaming.py); a weight then sets the share of draws from this dataset.
     streaming: bool = False
     min_pixels: Optional[int] = None  # override DataConfig's image limits for this dataset
     max_pixels: Optional[int] = None

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from vlft.data.errors import BadInput
 from vlft.data.template import Media, Message
 from vlft.data.video import frame_files
@@ -223,6 +225,10 @@ def parse_json_line(text: str) -> Any:
         raise BadInput(f"invalid JSON: {e}") from None
 
 
+def _not_blank(batch: dict) -> list[bool]:
+    return [bool(t.strip()) for t in batch["text"]]
+
+
 class RecordSource:
     """Random access to the raw records of one dataset (map-style), or iteration (streaming).
 
@@ -263,25 +269,24 @@ class RecordSource:
         return ds.to_iterable_dataset() if self.streaming else ds
 
     def _lines(self):
-        """One `datasets` text table per file (a line number is counted per file), blank lines left out."""
+        """One `datasets` text table per file (a line number is counted per file), blank lines left out. A stream
+        reads the files line by line itself (see `_rows`): datasets' streaming text reader holds a few hundred MB
+        of buffers, a line at a time holds one line."""
         import datasets
 
+        if self.streaming:
+            return self.files
         parts = []
         for k, file in enumerate(self.files):
             # a byte that is not UTF-8 must not fail the whole file: it is kept visible and fails its own line
-            ds = datasets.load_dataset("text", data_files=[file], split="train", streaming=self.streaming,
-                                       encoding="utf-8", encoding_errors="backslashreplace")
-            if self.streaming:
-                parts.append(ds)
-                continue
-            n = len(ds)
-            ds = ds.add_column("line", list(range(1, n + 1))).add_column("file", [k] * n)
-            keep = [i for i, t in enumerate(ds["text"]) if t.strip()]
-            if not keep:
+            ds = datasets.load_dataset("text", data_files=[file], split="train", encoding="utf-8",
+                                       encoding_errors="backslashreplace")
+            n = len(ds)  # columns stay in Arrow (memory-mapped): no Python list of the file's lines is built
+            ds = ds.add_column("line", np.arange(1, n + 1)).add_column("file", np.full(n, k))
+            ds = ds.filter(_not_blank, batched=True, batch_size=65536, keep_in_memory=True)
+            if len(ds) == 0:
                 raise BadInput(f"dataset file {file} is empty (only blank lines)")
-            parts.append(ds.select(keep) if len(keep) < n else ds)
-        if self.streaming:
-            return parts
+            parts.append(ds)
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     def __len__(self) -> int:
@@ -316,9 +321,11 @@ class RecordSource:
         if not (self.streaming and self.kind == "lines"):
             yield from self.ds
             return
-        for k, part in enumerate(self.ds):
-            for line, row in enumerate(part, start=1):
-                yield {**row, "line": line, "file": k}
+        for k, file in enumerate(self.files):
+            # as for indexed files: a byte that is not UTF-8 is kept visible and fails its own line
+            with open(file, encoding="utf-8", errors="backslashreplace", newline="\n") as f:
+                for line, text in enumerate(f, start=1):
+                    yield {"text": text.rstrip("\r\n"), "line": line, "file": k}
 
     def __iter__(self) -> Iterator[tuple[int, Any, str]]:
         """(index, record or BadInput, where) in file order; works for streaming sources."""

@@ -49,11 +49,13 @@ class PlanSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_epoch(lengths: Sequence[int], s: PlanSettings, epoch: int, start: int = 0) -> list[list[int]]:
+def plan_epoch(lengths: Sequence[int], s: PlanSettings, epoch: int, start: int = 0, salt: str = ""
+               ) -> list[list[int]]:
     """Global micro-batches (lists of positions in the epoch's order) over positions start..len(lengths)-1.
-    `lengths[p]` is the token count of the sample at position p (needed for packing and grouping only)."""
+    `lengths[p]` is the token count of the sample at position p (needed for packing and grouping only); `salt`
+    tells apart the windows of a stream (vlft/data/streaming.py), which are planned one by one."""
     n, B = len(lengths), s.micro_batch_size
-    rng = random.Random(f"{s.seed}/{epoch}/{start}")
+    rng = random.Random(f"{s.seed}/{epoch}/{start}/{salt}")
     if s.packing:
         rows: list[list[int]] = []
         for w0 in range(start, n, s.packing_window):

@@ -1,0 +1,89 @@
+"""Training on a streamed dataset (vlft/data/streaming.py): on 2 processes every rank runs the same steps, no sample
+is seen twice in an epoch, the stream starts again when it ends, and a resume reproduces the per-step losses; packed
+windows resume exactly too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_train_helpers import REPO, free_port, run_in_process, tiny_config, workspace
+
+from vlft.train_cli import make_tiny_data
+
+N = 40  # records; 2 ranks x 1 sample per micro-batch: 20 steps per pass over the stream
+
+
+def _launch(config, out_json, *overrides) -> dict:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "tests/launched_step_checks.py", "stream",
+           str(config), str(out_json), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-10000:]}"
+    return json.loads(out_json.read_text())
+
+
+def _losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_processes_stream_each_sample_once_per_epoch_and_resume_exactly(tmp_path):
+    data = make_tiny_data(tmp_path / "data", ["text", "image", "video", "image+video"] * (N // 4))
+    cfg = tiny_config(tmp_path, data, train={"output_dir": str(tmp_path / "full"), "max_steps": 25,
+                                             "micro_batch_size": 1, "gradient_accumulation": 1},
+                      checkpoint={"every": 12, "keep_last": 0}, optim={"schedule": "constant"})
+    cfg["data"]["datasets"][0]["streaming"] = True
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full = _launch(path, tmp_path / "full.json")["ranks"]
+
+    assert [r["steps"] for r in full] == [25, 25] and len(full[0]["seen"]) == len(full[1]["seen"]) == 25
+    first_epoch = [index for rank in full for epoch, index in rank["seen"] if epoch == 0]
+    assert sorted(first_epoch) == list(range(N))  # the whole stream once, split between the ranks
+    assert {epoch for rank in full for epoch, _ in rank["seen"]} == {0, 1}  # and read again after it ended
+
+    out = tmp_path / "resumed"
+    resumed = _launch(path, tmp_path / "resumed.json", f"checkpoint.resume={tmp_path / 'full' / 'checkpoint-0000012'}",
+                      f"train.output_dir={out}")["ranks"]
+    assert [r["steps"] for r in resumed] == [13, 13]
+    assert [r["seen"] for r in resumed] == [rank["seen"][12:] for rank in full]
+    reference = _losses(tmp_path / "full")
+    assert _losses(out) == pytest.approx({k: v for k, v in reference.items() if k > 12}, abs=1e-6)
+
+
+def test_packed_stream_resumes_with_the_same_losses(tmp_path, monkeypatch):
+    path, _ = workspace(tmp_path, ["text", "image", "video", "text"] * 6,
+                        data={"packing": True, "max_length": 256, "packing_window": 10},
+                        train={"micro_batch_size": 1, "gradient_accumulation": 2, "max_steps": 6})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["datasets"][0]["streaming"] = True
+    path.write_text(yaml.safe_dump(cfg))
+    full = run_in_process(path, f"train.output_dir={tmp_path / 'full'}", "lora.dropout=0.1")
+
+    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    forward = Qwen2_5_VLForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def signalled(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(Qwen2_5_VLForConditionalGeneration, "forward", signalled)
+        first = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1")
+    assert first["state"]["step"] == 3
+    second = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1", "checkpoint.resume=auto")
+    assert first["losses"] + second["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    assert max(r["supervised_tokens"] for r in full["steps"]) > 0
