@@ -310,3 +310,29 @@ def test_packing_row():
         out = model(ids, labels=labels, position_ids=position_ids, cu_seqlens=cu, pixel_values=pixels,
                     image_grid_thw=torch.tensor(grids))
     assert int(out.num_label_tokens) == ex["num_label_tokens"]
+
+
+# ============================================================================= grounding.md
+@pytest.mark.parametrize("name", list(examples("grounding.md")))
+def test_grounding_trained_text(name, tmp_path):
+    """The page's records through the data pipeline: the resized sizes, and the assistant labels hold the rewritten
+    boxes, byte for byte."""
+    from data_fixtures import save_image, tiny_tokenizer
+
+    from vlft.data import DataConfig, DatasetConfig, SampleProcessor, smart_resize
+
+    ex = examples("grounding.md")[name]
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(tmp_path / "d.jsonl"))])
+    assert (cfg.min_pixels, cfg.max_pixels) == (3136, 602112)  # the defaults the page computes with
+    content = []
+    for k, ((h, w), lo) in enumerate(zip(ex["image_hw"], ex["min_pixels"])):
+        assert smart_resize(h, w, lo, cfg.max_pixels) == ex["resized_hw"][k]
+        save_image(tmp_path / f"{k}.png", h, w, seed=k)
+        content.append({"type": "image", "image": f"{k}.png", "min_pixels": lo})
+    record = {"messages": [{"role": "user", "content": content + [{"type": "text", "text": "Locate them."}]},
+                           {"role": "assistant", "content": ex["answer"]}]}
+    tok = tiny_tokenizer(tmp_path)
+    sample = SampleProcessor(cfg, tok)(record, cfg.datasets[0], 0)
+    assert sample["image_grid_thw"].tolist() == [[1, h // 14, w // 14] for h, w in ex["resized_hw"]]
+    labels = sample["labels"]
+    assert tok.decode(labels[labels != -100]) == ex["trained"] + "<|im_end|>"

@@ -35,6 +35,12 @@ def _dataset(tmp_path, **data):
         {"messages": [user({"type": "text", "text": "q"}), {"role": "assistant", "content": "long " * 200}]},
         {"messages": [user({"type": "image", "image": "missing.png"}), reply]},
         "{not json",
+        # grounding: wide.png is 200x60 -> 196x56 (round(200/28)*28, round(60/28)*28), so [5, 10, 199, 59] ->
+        # [4.9, 9.33, 195.02, 55.07] -> [5, 9, 195, 55]: "10" loses a digit, one token fewer than as written
+        {"messages": [user({"type": "image", "image": "wide.png"}),
+                      {"role": "assistant", "content": '{"bbox_2d": [5, 10, 199, 59], "label": "x"}'}]},
+        {"messages": [user({"type": "image", "image": "wide.png"}),
+                      {"role": "assistant", "content": '{"bbox_2d": [5, 10, 300, 59]}'}]},  # outside: bad
     ]
     path = write_jsonl(root / "train.jsonl", records)
     cfg = DataConfig(datasets=[DatasetConfig(path=path)], max_length=600, video_min_pixels=1024,
@@ -54,7 +60,10 @@ def test_measured_lengths_equal_processed_lengths(tmp_path, overlength):
         except SampleError as e:
             expected = 0 if e.kind == "overlength" else L.UNMEASURABLE
         assert measured[row] == expected, (row, where)
-    assert L.UNMEASURABLE in measured  # the missing image and the broken line
+    assert L.UNMEASURABLE in measured  # the missing image, the broken line, the box outside its image
+    assert measured[-1] == L.UNMEASURABLE
+    keep = type(ds.processor)(DataConfig(**{**cfg.__dict__, "grounding": "keep"}), ds.processor.tokenizer)
+    assert L.measure_source(src, keep, dc)[-2] == measured[-2] + 1  # the rewrite really changed the length
     # the long reply: dropped, or cut to max_length (the long question cut before its reply is dropped either way)
     assert (cfg.max_length in measured) == (overlength == "truncate_text") and 0 in measured
 
@@ -75,6 +84,25 @@ def test_cache_is_reused_until_data_or_settings_change(tmp_path, monkeypatch):
     fingerprint = L.fingerprint(cfg, dc, ds.processor.tokenizer)
     smaller = DataConfig(**{**cfg.__dict__, "max_pixels": cfg.max_pixels // 4})
     assert L.fingerprint(smaller, dc, ds.processor.tokenizer) != fingerprint
+    kept = DataConfig(**{**cfg.__dict__, "grounding": "keep"})
+    assert L.fingerprint(kept, dc, ds.processor.tokenizer) != fingerprint
     st = os.stat(dc.path)
     os.utime(dc.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the dataset file changed
     assert L.fingerprint(cfg, dc, ds.processor.tokenizer) != fingerprint
+
+
+def test_image_pil_refuses_to_open_is_unmeasurable_not_a_crash(tmp_path):
+    """A file over twice PIL's own limit raises DecompressionBombError as soon as its header is opened: the index
+    (and the grounding scale, which reads the same header) report it as a bad sample like the processing does."""
+    from data_fixtures import png_header
+
+    from vlft.data import BadInput
+
+    bomb = png_header(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(BadInput, match="too large to decode safely"):
+        L.image_size(bomb)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"image": "bomb.png", "conversations": [
+        {"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": '{"point_2d": [1, 2]}'}]}])
+    ds = MixedDataset(DataConfig(datasets=[DatasetConfig(path=path)]), tiny_tokenizer(tmp_path))
+    assert L.measure_source(ds.sources[0], ds.processor, ds.datasets[0]).tolist() == [L.UNMEASURABLE]
+    assert "too large to decode safely" in ds[0].reason

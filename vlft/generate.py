@@ -1,6 +1,7 @@
 """Generation with a KV cache and Qwen2.5-VL's 3D positions, and `vlft generate`.
 
     vlft generate --model DIR [--adapter CKPT] [--image PATH ...] [--video PATH ...] --prompt "..." [--prompt ...]
+                  [--boxes original]   (boxes and points in the --image files' own pixels: docs/grounding.md)
 
 Positions (docs/positions.md#generation): the prompt gets get_rope_index's [3, B, L] ids and rope_delta =
 max + 1 - L (L the padded length); the token written at cache length c gets position c + rope_delta in all three
@@ -286,6 +287,7 @@ def sampling_kwargs(args, tokenizer, model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from vlft.data import Media, Message
+    from vlft.data.grounding import image_scale, to_original
 
     ap = argparse.ArgumentParser(prog="vlft generate", description="generate replies to prompts with images/videos")
     add_model_args(ap)
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video", action="append", default=[], help="video file or folder of frames (repeatable)")
     ap.add_argument("--prompt", action="append", required=True,
                     help="the question; several --prompt make a batch, each with the same images/videos")
+    ap.add_argument("--boxes", choices=["resized", "original"], default="resized",
+                    help='"bbox_2d"/"point_2d" in replies as the model wrote them (pixels of the resized image), or '
+                         "mapped back to each --image's own pixels (docs/grounding.md)")
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     # errors (a missing file, an unreadable image, ...) are reported by the vlft CLI's one policy (vlft/cli.py)
@@ -304,9 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     kw = sampling_kwargs(args, tokenizer, model)
     batch = to_device(left_pad(samples, kw["pad_token_id"]), model.lm_head.weight.device)
     new = generate(model, **batch, **kw)
+    scales = [image_scale(p, limits.min_pixels, limits.max_pixels) for p in args.image]
     for i, row in enumerate(new.tolist()):
         text = tokenizer.decode([t for t in row if t not in kw["eos_token_id"] + [kw["pad_token_id"]]],
                                 skip_special_tokens=True)
+        if args.boxes == "original":
+            text = to_original(text, scales)
         print(text if len(args.prompt) == 1 else f"[{i}] {text}")
     return 0
 

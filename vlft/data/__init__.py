@@ -6,6 +6,7 @@ from vlft.data.dataset import (MixedDataset, SampleProcessor, SkipCounter, Skipp
                                build_datasets, iterate_batches, mix_order)
 from vlft.data.errors import BadInput, SampleError, TooManySkipped
 from vlft.data.formats import MediaResolver, RecordSource, to_messages
+from vlft.data.grounding import ImageScale, image_scale, to_original, to_resized
 from vlft.data.image import process_image, smart_resize
 from vlft.data.packing import cu_seqlens_for_rows, pack_first_fit
 from vlft.data.template import Media, Message, SpecialIds, encode_conversation
@@ -17,4 +18,5 @@ __all__ = [
     "mix_order", "Skipped", "SkipCounter", "iterate_batches", "Collator", "sample_position_ids",
     "pack_first_fit", "cu_seqlens_for_rows", "BadInput", "SampleError", "TooManySkipped", "MediaResolver",
     "RecordSource", "to_messages", "Media", "Message", "SpecialIds", "encode_conversation",
+    "ImageScale", "image_scale", "to_resized", "to_original",
 ]

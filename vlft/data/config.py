@@ -40,6 +40,7 @@ class DatasetConfig:
     video_total_pixels: Optional[int] = None
     video_fps: Optional[float] = None
     video_max_frames: Optional[int] = None
+    grounding: Optional[Literal["rescale", "keep"]] = None  # override DataConfig.grounding for this dataset
 
 
 @dataclass
@@ -76,6 +77,11 @@ class DataConfig:
     # pixel is decoded); larger files are bad samples, skipped and counted (decompression bombs). PIL's own limit,
     # about 179 Mpx, applies above this.
     max_decode_pixels: int = MAX_DECODE_PIXELS
+    # Boxes and points written as Qwen2.5-VL's JSON ({"bbox_2d": [x1, y1, x2, y2]}, {"point_2d": [x, y]}) in user and
+    # assistant text are in the original image's pixels and are rewritten to the resized image's pixels, which is
+    # what the model reads and answers in; a box outside its image is a bad sample (docs/grounding.md). "keep" leaves
+    # the text as written (coordinates already in resized pixels, or another convention such as 0-1000).
+    grounding: Literal["rescale", "keep"] = "rescale"
 
 
 def check_range(key: str, value: float | int | None, lo: float | None = None, hi: float | None = None, *,

@@ -9,9 +9,9 @@ cannot be measured (a missing file, a bad record) gets -1 and is reported, skipp
 
 The index is computed once per dataset file and cached under `data.cache_dir` (default `~/.cache/vlft`, or
 `$VLFT_CACHE_DIR`), keyed by a fingerprint of the dataset files (path, size, modification time), the settings that
-change lengths (pixel and frame limits, fps, over-length policy, system prompt, last-turn-only) and the tokenizer's
-vocabulary. Changing a media file in place without touching the dataset file is not detected: the lengths of such a
-sample are then estimates, which only affects how full the rows are (the collator packs by the real lengths).
+change lengths (pixel and frame limits, fps, over-length policy, system prompt, last-turn-only, grounding) and the
+tokenizer's vocabulary. Changing a media file in place without touching the dataset file is not detected: the lengths
+of such a sample are then estimates, which only affects how full the rows are (the collator packs by the real lengths).
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ UNMEASURABLE = -1  # a sample whose length could not be measured (it will be ski
 
 
 # ---------------------------------------------------------------------------------------------- one sample
-def _image_size(source: Any) -> tuple[int, int]:
-    """(height, width) from the file header; nothing is decoded."""
+def image_size(source: Any) -> tuple[int, int]:
+    """(height, width) from the file header; nothing is decoded. A file PIL refuses to open as a decompression bomb
+    is a BadInput like any unreadable image (the decode ceiling itself is checked by the callers)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
@@ -48,15 +51,19 @@ def _image_size(source: Any) -> tuple[int, int]:
     if not path.is_file():
         raise BadInput(f"image file not found: {path}")
     try:
-        with Image.open(path) as img:  # reads the header only
-            return img.height, img.width
+        with warnings.catch_warnings():  # PIL warns above its own limit; the decode ceiling is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                return img.height, img.width
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"image {path} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 
 def image_tokens(source: Any, min_pixels: int, max_pixels: int, max_decode_pixels: int = MAX_DECODE_PIXELS) -> int:
     """Merged tokens of a picture, as `process_image` would give them."""
-    h, w = _image_size(source)
+    h, w = image_size(source)
     check_decode_size(w, h, max_decode_pixels, f"image {source}")
     h, w = smart_resize(h, w, min_pixels, max_pixels)
     return (h // FACTOR) * (w // FACTOR)
@@ -93,7 +100,7 @@ def _listed_frames(frames: list, fps, nframes, frames_fps, max_frames) -> tuple[
         n = max(2, max_frames // 2 * 2)
     else:
         n = total + total % TEMPORAL_PATCH_SIZE  # an odd count repeats the last frame
-    return (n, *_image_size(frames[0]))
+    return (n, *image_size(frames[0]))
 
 
 def video_tokens(source: Any, fps=None, nframes=None, min_frames=4, max_frames=64, min_pixels=0, max_pixels=0,
@@ -119,7 +126,7 @@ def sample_length(processor, record: Any, dc: DatasetConfig, index: int) -> int:
     """Tokens the sample will have after the over-length policy (0: it will be dropped as over-length;
     UNMEASURABLE: it cannot be read and will be skipped). `processor` is the dataset's SampleProcessor."""
     try:
-        messages = processor.messages(record, dc)
+        messages = processor.ground(processor.messages(record, dc), dc)  # rewritten boxes change the text
         ceiling = processor.cfg.max_decode_pixels
         tokens = [image_tokens(m.source, **processor.image_options(m, dc), max_decode_pixels=ceiling)
                   if m.kind == "image" else video_tokens(m.source, **processor.video_options(m, dc),
@@ -141,10 +148,10 @@ def fingerprint(cfg: DataConfig, dc: DatasetConfig, tokenizer) -> str:
     settings = {k: getattr(cfg, k) for k in ("min_pixels", "max_pixels", "video_fps", "video_min_frames",
                                              "video_max_frames", "video_min_pixels", "video_max_pixels",
                                              "video_total_pixels", "max_length", "overlength", "last_turn_only",
-                                             "system_prompt", "max_decode_pixels")}
+                                             "system_prompt", "max_decode_pixels", "grounding")}
     per_dataset = {k: getattr(dc, k) for k in ("format", "media_root", "min_pixels", "max_pixels",
                                                "video_min_pixels", "video_max_pixels", "video_total_pixels",
-                                               "video_fps", "video_max_frames")}
+                                               "video_fps", "video_max_frames", "grounding")}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     blob = json.dumps({"version": INDEX_VERSION, "files": files, "data": settings, "dataset": per_dataset,
                        "vocab": vocab, "template": getattr(tokenizer, "chat_template", None) is not None},

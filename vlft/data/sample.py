@@ -15,6 +15,7 @@ import torch
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError, sample_label
 from vlft.data.formats import MediaResolver, to_messages
+from vlft.data.grounding import image_scale, rescale_messages
 from vlft.data.image import MERGE_SIZE, process_image
 from vlft.data.template import IGNORE_INDEX, SpecialIds, encode_conversation, media_of
 from vlft.data.video import process_video
@@ -82,6 +83,13 @@ class SampleProcessor:
         resolver = MediaResolver(dc.media_root or root or default_media_root(dc.path))
         return to_messages(record, dc.format, resolver)
 
+    def ground(self, messages: list, dc: DatasetConfig) -> list:
+        """Boxes and points moved to the resized images' pixels, when the dataset's grounding setting says so
+        (raises BadInput naming a bad box). Training, eval, data check and the length index all go through here."""
+        if (dc.grounding or self.cfg.grounding) == "keep":
+            return messages
+        return rescale_messages(messages, lambda m: image_scale(m.source, **self.image_options(m, dc)))
+
     def encode(self, messages: list, media_tokens: list[int]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation whose k-th media item has media_tokens[k] merged tokens."""
         return encode_conversation(messages, self.tokenizer, media_tokens, self.cfg.last_turn_only,
@@ -90,7 +98,7 @@ class SampleProcessor:
     def __call__(self, record: Any, dc: DatasetConfig, index: int, root: str | None = None, where: str = "") -> dict:
         name = dataset_name(dc)
         try:
-            messages = self.messages(record, dc, root)
+            messages = self.ground(self.messages(record, dc, root), dc)
             images, videos, tokens = [], [], []
             for m in media_of(messages):  # each item decoded exactly once
                 if m.kind == "image":
