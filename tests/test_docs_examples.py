@@ -277,6 +277,17 @@ def test_loss_normalised_over_the_accumulated_batch():
 
 
 # ============================================================================= packing.md
+def test_packing_fill():
+    from vlft.data.packing import pack_first_fit
+    from vlft.data.sampler import PlanSettings, fill, plan_epoch
+
+    ex = examples("packing.md")["fill"]
+    assert pack_first_fit(ex["lengths"], ex["capacity"]) == ex["rows"]
+    plan = plan_epoch(ex["lengths"], PlanSettings(1, ex["capacity"], packing=True), epoch=0)
+    assert sorted(map(sorted, plan)) == sorted(map(sorted, ex["rows"]))  # the same rows, in shuffled order
+    assert fill(plan, ex["lengths"], ex["capacity"], 1) == pytest.approx(ex["fill"], abs=1e-4)
+
+
 def test_packing_row():
     from vlft.data.collator import sample_position_ids
     from vlft.data.packing import cu_seqlens_for_rows
