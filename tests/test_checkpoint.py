@@ -3,14 +3,13 @@ keep-last-K, and the pieces (RNG states, resolution of the resume setting)."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import run_in_process, workspace
+from test_train_helpers import run_in_process, run_signalled_at, workspace
 
 from vlft.checkpoint import rng_state, set_rng_state
 from vlft.run_folder import MARKER, complete_checkpoints, resolve_resume
@@ -20,21 +19,8 @@ def test_sigterm_checkpoint_then_exact_resume(tmp_path, monkeypatch):
     path, _ = workspace(tmp_path)
     full = run_in_process(path, f"train.output_dir={tmp_path / 'full'}", "lora.dropout=0.1")["losses"]
 
-    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
-    forward = Qwen2_5_VLForConditionalGeneration.forward
-    calls = {"n": 0}
-
-    def signalled(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # during step 2 (2 micro-batches per step)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
     out = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        m.setattr(Qwen2_5_VLForConditionalGeneration, "forward", signalled)
-        first = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1")
+    first = run_signalled_at(path, 3, f"train.output_dir={out}", "lora.dropout=0.1")  # SIGTERM during step 2 (2 micro-batches per step)
     assert first["status"] == "interrupted" and first["state"]["step"] == 2
     assert (out / "checkpoint-0000002" / MARKER).is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

@@ -3,13 +3,11 @@ are at least 90% full, and a packed run resumes with exactly the losses of an un
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 
 import pytest
 from data_fixtures import make_video, save_image, tiny_tokenizer, write_jsonl
-from test_train_helpers import run_in_process, workspace
+from test_train_helpers import run_in_process, run_signalled_at, workspace
 
 from vlft.data import Collator, DataConfig, DatasetConfig, MixedDataset
 from vlft.data.lengths import dataset_lengths, epoch_lengths
@@ -69,21 +67,8 @@ def test_packed_run_resumes_with_the_same_losses(tmp_path, monkeypatch):
                         train={"micro_batch_size": 1, "gradient_accumulation": 2, "max_steps": 6})
     full = run_in_process(path, f"train.output_dir={tmp_path / 'full'}", "lora.dropout=0.1")["losses"]
 
-    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
-    forward = Qwen2_5_VLForConditionalGeneration.forward
-    calls = {"n": 0}
-
-    def signalled(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # during step 3
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
     out = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        m.setattr(Qwen2_5_VLForConditionalGeneration, "forward", signalled)
-        first = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1")
+    first = run_signalled_at(path, 5, f"train.output_dir={out}", "lora.dropout=0.1")  # SIGTERM during step 3
     assert first["status"] == "interrupted" and first["state"]["step"] == 3
     second = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1", "checkpoint.resume=auto")
     assert len(full) == 6 and first["losses"] + second["losses"] == pytest.approx(full, abs=1e-6)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 
 import pytest
-from test_train_helpers import run_in_process, workspace
+from test_train_helpers import run_in_process, run_signalled_at, workspace
 
 from vlft.run_folder import MARKER, RunFolderError, check_run_folder, complete_checkpoints, prune
 
@@ -75,20 +73,7 @@ def test_overwrite_replaces_only_what_the_old_run_wrote(tmp_path):
 
 def test_resume_continues_the_run_and_metrics_hold_each_step_once(tmp_path, monkeypatch):
     path, _ = workspace(tmp_path, train={"max_steps": 4}, checkpoint={"every": 1, "keep_last": 1})
-    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
-    forward = Qwen2_5_VLForConditionalGeneration.forward
-    calls = {"n": 0}
-
-    def signalled(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # during step 3: steps 1 and 2 are logged and saved
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(Qwen2_5_VLForConditionalGeneration, "forward", signalled)
-        first = run_in_process(path)
+    first = run_signalled_at(path, 5)  # SIGTERM during step 3: steps 1 and 2 are logged and saved
     out = tmp_path / "out"
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     # a crash after a logged but unsaved step leaves a metric the resume will repeat

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import yaml
-from test_train_helpers import REPO, free_port, run_in_process, tiny_config, workspace
+from test_train_helpers import REPO, free_port, run_in_process, run_signalled_at, tiny_config, workspace
 
 from vlft.train_cli import make_tiny_data
 
@@ -68,21 +67,8 @@ def test_packed_stream_resumes_with_the_same_losses(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(cfg))
     full = run_in_process(path, f"train.output_dir={tmp_path / 'full'}", "lora.dropout=0.1")
 
-    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
-    forward = Qwen2_5_VLForConditionalGeneration.forward
-    calls = {"n": 0}
-
-    def signalled(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # during step 3
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
     out = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        m.setattr(Qwen2_5_VLForConditionalGeneration, "forward", signalled)
-        first = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1")
+    first = run_signalled_at(path, 5, f"train.output_dir={out}", "lora.dropout=0.1")  # SIGTERM during step 3
     assert first["state"]["step"] == 3
     second = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1", "checkpoint.resume=auto")
     assert first["losses"] + second["losses"] == pytest.approx(full["losses"], abs=1e-6)

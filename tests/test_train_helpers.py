@@ -57,6 +57,30 @@ def run_in_process(path: Path, *overrides: str) -> dict:
         torch.set_num_threads(threads)
 
 
+def run_signalled_at(path: Path, call: int, *overrides: str) -> dict:
+    """`run_in_process`, with SIGTERM sent to this process during the `call`-th forward (micro-batch) of the run:
+    the run finishes that step, writes a checkpoint and returns."""
+    import os
+    import signal
+
+    from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    forward = Qwen2_5_VLForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def signalled(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    Qwen2_5_VLForConditionalGeneration.forward = signalled
+    try:
+        return run_in_process(path, *overrides)
+    finally:
+        Qwen2_5_VLForConditionalGeneration.forward = forward
+
+
 def test_workspace_config_validates(tmp_path):
     from vlft.config import load_experiment
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from vlft.data.errors import BadInput
 from vlft.data.image import smart_resize
-from vlft.data.lengths import image_size
+from vlft.data.image import image_size
 from vlft.data.template import Media, Message
 
 ARITY = {"bbox_2d": 4, "point_2d": 2}

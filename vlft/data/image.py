@@ -7,11 +7,12 @@ duplicated to fill the temporal patch of 2. Output rows are 3*2*14*14 = 1176 flo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -80,6 +81,36 @@ def check_decode_size(width: int, height: int, max_decode_pixels: int, what: str
                        "it or raise the ceiling)")
 
 
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike, max_decode_pixels: int = MAX_DECODE_PIXELS) -> Iterator[Image.Image]:
+    """An image file opened with only its header read, refused (BadInput) when it is unreadable or larger than
+    `max_decode_pixels`. Errors raised while the caller decodes it inside the `with` become BadInput too."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():  # PIL warns above its own limit; the ceiling here is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as f:  # reads the header only
+                check_decode_size(f.width, f.height, max_decode_pixels, f"image {path}")
+                yield f
+    except Image.DecompressionBombError as e:  # PIL's own refusal, raised from the header as well
+        raise BadInput(f"image {path} is too large to decode safely: {e}") from None
+    except BadInput:
+        raise
+    except Exception as e:  # decoders raise many kinds of errors on damaged files (OSError, ValueError, ...)
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+def image_size(image: ImageLike, max_decode_pixels: int = MAX_DECODE_PIXELS) -> tuple[int, int]:
+    """(height, width) of a picture from its file header (nothing decoded), within the decode ceiling."""
+    if isinstance(image, Image.Image):
+        check_decode_size(image.width, image.height, max_decode_pixels, "image")
+        return image.height, image.width
+    with open_image(image, max_decode_pixels) as f:
+        return f.height, f.width
+
+
 def load_image(image: ImageLike, max_decode_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """Open (fully decode) an image file or take a PIL image; RGB out. Data problems raise BadInput.
 
@@ -87,22 +118,9 @@ def load_image(image: ImageLike, max_decode_pixels: int = MAX_DECODE_PIXELS) -> 
     if isinstance(image, Image.Image):
         img = image
     else:
-        path = Path(image)
-        if not path.is_file():
-            raise BadInput(f"image file not found: {path}")
-        try:
-            with warnings.catch_warnings():  # PIL warns above its own limit; the ceiling here is the one that counts
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as f:  # reads the header only
-                    check_decode_size(f.width, f.height, max_decode_pixels, f"image {path}")
-                    f.load()
-                    img = f.copy()
-        except Image.DecompressionBombError as e:  # PIL's own refusal, raised from the header as well
-            raise BadInput(f"image {path} is too large to decode safely: {e}") from None
-        except BadInput:
-            raise
-        except Exception as e:  # decoders raise many kinds of errors on damaged files (OSError, ValueError, ...)
-            raise BadInput(f"cannot read image {path}: {e}") from None
+        with open_image(image, max_decode_pixels) as f:
+            f.load()
+            img = f.copy()
     if img.width == 0 or img.height == 0:
         raise BadInput(f"empty image ({img.width}x{img.height})")
     return to_rgb(img)

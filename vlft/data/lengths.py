@@ -29,7 +29,7 @@ import torch
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import BadInput, SampleError
 from vlft.data.formats import RecordSource, dataset_files
-from vlft.data.image import FACTOR, MAX_DECODE_PIXELS, TEMPORAL_PATCH_SIZE, check_decode_size, smart_resize
+from vlft.data.image import FACTOR, MAX_DECODE_PIXELS, TEMPORAL_PATCH_SIZE, check_decode_size, image_size, smart_resize
 from vlft.data.template import media_of
 from vlft.data.video import FPS, _open, frame_budget, frame_files, smart_nframes
 
@@ -38,34 +38,9 @@ UNMEASURABLE = -1  # a sample whose length could not be measured (it will be ski
 
 
 # ---------------------------------------------------------------------------------------------- one sample
-def image_size(source: Any) -> tuple[int, int]:
-    """(height, width) from the file header; nothing is decoded. A file PIL refuses to open as a decompression bomb
-    is a BadInput like any unreadable image (the decode ceiling itself is checked by the callers)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, Image.Image):
-        return source.height, source.width
-    path = Path(source)
-    if not path.is_file():
-        raise BadInput(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():  # PIL warns above its own limit; the decode ceiling is the one that counts
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # reads the header only
-                return img.height, img.width
-    except Image.DecompressionBombError as e:
-        raise BadInput(f"image {path} is too large to decode safely: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadInput(f"cannot read image {path}: {e}") from None
-
-
 def image_tokens(source: Any, min_pixels: int, max_pixels: int, max_decode_pixels: int = MAX_DECODE_PIXELS) -> int:
-    """Merged tokens of a picture, as `process_image` would give them."""
-    h, w = image_size(source)
-    check_decode_size(w, h, max_decode_pixels, f"image {source}")
-    h, w = smart_resize(h, w, min_pixels, max_pixels)
+    """Merged tokens of a picture, as `process_image` would give them, from its header."""
+    h, w = smart_resize(*image_size(source, max_decode_pixels), min_pixels, max_pixels)
     return (h // FACTOR) * (w // FACTOR)
 
 
