@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vlft.adapters import apply_lora, format_report, trainable_report
 from vlft.checkpoint import load_checkpoint, remove_partial, resolve_resume, save_checkpoint, write_inference_files
 from vlft.config import ExperimentConfig, dump_yaml, load_experiment, to_dict
-from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, eval_rank_batches, precision,
+from vlft.distributed import (any_rank, global_sum, is_deepspeed, make_accelerator, eval_rank_batches,
                               rank_batches, to_device)
 from vlft.optim import build_optimizer, build_scheduler
 from vlft.tracking import Tracker, format_metrics
@@ -38,7 +38,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from vlft.data import Collator, SkipCounter, build_datasets
-    from vlft.model import build_model, load_pretrained, preset
+    from vlft.zero3_load import load_model
 
     # ---- 1. config and output folder -------------------------------------------------------------------------------
     out_dir = Path(cfg.train.output_dir)
@@ -52,12 +52,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
 
     # ---- 2. model ----------------------------------------------------------------------------------------------------
-    dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
-    if cfg.model.path.startswith("preset:"):  # a random model (tests, demos); its init is seeded by train.seed
-        model = build_model(preset(cfg.model.path.split(":", 1)[1]), dtype=dtype)
-        model.config.attn_implementation = cfg.model.attn_implementation
-    else:
-        model = load_pretrained(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    # a preset's random init is seeded by train.seed; under ZeRO-3 the parameters are partitioned as they are read
+    model = load_model(cfg, accelerator)
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path

@@ -95,6 +95,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)
         del shard
+    check_keys(path, expected, seen, unexpected)
+    if tied:  # assign=True replaced the embedding parameter; point the head at it again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def check_keys(path: str | Path, expected: set[str], seen: set[str], unexpected: list[str]) -> None:
+    """Fail naming the parameters no file provided and the file keys no parameter takes (at most 20 of each)."""
     missing = sorted(expected - seen)
     if unexpected or missing:
         parts = []
@@ -103,9 +111,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
         raise KeyError(f"checkpoint {path} does not match the Qwen2.5-VL config: " + "; ".join(parts))
-    if tied:  # assign=True replaced the embedding parameter; point the head at it again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
 
 
 def _parse_size(size: int | str) -> int:
