@@ -1,6 +1,6 @@
 """Distributed training benchmark: DDP, ZeRO-2 and ZeRO-3 on 2 CPU processes, with data.packing on and off.
 
-    python recipes/bench_distributed.py                       # 3B widths, 1 decoder layer, 1 vision block, 2 ranks
+    python recipes/bench_distributed.py                       # 3B widths, 2 decoder layers, 2 vision blocks
     python recipes/bench_distributed.py --layers 2 --steps 6 --setups zero3 --packing on
 
 A random model with the 3B preset's widths and vocabulary (and few layers) is written as float32 safetensors shards,
@@ -180,6 +180,7 @@ def summarise(out: Path) -> dict:
     memory = [json.loads((out / f"memory-rank{r}.json").read_text()) for r in range(2)]
     return {"load_gib": max(m["load"] for m in memory) / 2**30, "train_gib": max(m["train"] for m in memory) / 2**30,
             "step_s": statistics.median(times), "tokens_s": statistics.median(r["tokens_per_s"] for r in train[1:]),
+            "samples_s": statistics.median(r["samples_per_s"] for r in train[1:]),
             "loss": train[-1]["loss"]}
 
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker(argv[1], argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=1, help="decoder layers (vision blocks: the same, at most 2)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (vision blocks: the same, at most 2)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch and rank")
@@ -224,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
           f"LoRA r=16 on the language model")
     print(f"data: {args.samples} samples (60% short chats, 10% long documents, 20% images, 10% videos), "
           f"max_length {args.max_length}, micro-batch {args.micro_batch} per rank, {args.steps} steps\n")
-    print("| setup | packing | loading peak per rank | training peak per rank | step time | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| setup | packing | loading peak per rank | training peak per rank | step time | tokens/s | samples/s |")
+    print("|---|---|---|---|---|---|---|")
     for name, packing, r in rows:
         print(f"| {name} | {packing} | {r['load_gib']:.2f} GiB ({r['load_gib'] / gib:.2f}x) | "
-              f"{r['train_gib']:.2f} GiB ({r['train_gib'] / gib:.2f}x) | {r['step_s']:.1f} s | {r['tokens_s']:.0f} |")
-    print("\nmemory: growth of a rank's resident set over its value just before loading; x = model bytes")
+              f"{r['train_gib']:.2f} GiB ({r['train_gib'] / gib:.2f}x) | {r['step_s']:.1f} s | {r['tokens_s']:.0f} | "
+              f"{r['samples_s']:.2f} |")
+    print("\nmemory: growth of a rank's resident set over its value just before loading (x: model bytes); tokens/s: "
+          "all ranks' tokens per step time (padded rows count real tokens, packed rows their whole length)")
     return 0
 
 
