@@ -3,7 +3,8 @@
 The first test pins what vlft.zero3_load assumes of DeepSpeed's partitions on a tiny model: on 2 processes the
 gathered parameters equal the files bit for bit (bfloat16 files into a float32 run, a tensor whose element count is
 odd so that a partition is padded, a tied head), through the per-rank reads and through the rank-0 fallback; a
-checkpoint missing a tensor or holding a wrong shape fails naming it; a partitioned preset holds the values of
+checkpoint missing a tensor or holding a wrong shape fails naming it; DoRA magnitudes computed by peft on the
+partitioned base equal those of the plain model; a partitioned preset holds the values of
 `build_model` with the same seed and leaves the random generator where `build_model` leaves it.
 
 In the second, two CPU processes (gloo) run recipes/sft.py through `accelerate launch` on a 446M-parameter random
@@ -36,9 +37,11 @@ CHECK = textwrap.dedent("""
     from pathlib import Path
     import deepspeed, torch
     from safetensors.torch import load_file
-    from vlft.config import load_experiment
+    from peft import get_peft_model
+    from vlft.adapters import lora_config
+    from vlft.config import LoraSection, load_experiment
     from vlft.distributed import deepspeed_config, make_accelerator
-    from vlft.model import build_model, load_config
+    from vlft.model import build_model, load_config, load_pretrained
     from vlft.zero3_load import _load_gathered, build_partitioned_preset, load_partitioned
 
     root = Path(sys.argv[2])
@@ -70,6 +73,14 @@ CHECK = textwrap.dedent("""
             result[bad] = "loaded"
         except (KeyError, ValueError) as e:
             result[bad] = str(e)
+    # DoRA reads the base weight at init: peft gathers it (accelerate tells transformers and peft ZeRO-3 is on)
+    def magnitudes(base):
+        peft_model = get_peft_model(base, lora_config(LoraSection(rank=4, use_dora=True)))
+        return {n: p.detach() for n, p in peft_model.named_parameters() if "magnitude" in n}
+
+    partitioned, plain = magnitudes(model), magnitudes(load_pretrained(root / "base", dtype=torch.float32))
+    result["dora"] = len(plain) > 0 and sorted(partitioned) == sorted(plain) and all(
+        torch.allclose(partitioned[k], plain[k], rtol=1e-6, atol=0) for k in plain)
     config = load_config(root / "base")
     torch.manual_seed(3)
     preset_values = gathered(build_partitioned_preset(config, ds))
@@ -117,6 +128,7 @@ def test_partitions_equal_the_files(tmp_path):
         assert got["tied"] and got["partitioned"] and got["gathered_fallback"], got
         assert "missing keys: visual.merger.ln_q.weight" in got["missing"], got
         assert "model.norm.weight" in got["wrong_shape"] and "shape [3]" in got["wrong_shape"], got
+        assert got["dora"], got
         assert got["preset"] and got["preset_rng"], got
 
 
