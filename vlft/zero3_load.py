@@ -24,7 +24,6 @@ losses equal ZeRO-2's, per-rank memory about half the model on 2 processes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import BinaryIO
@@ -41,7 +40,7 @@ from vlft.export import ST_DTYPES, read_header
 from vlft.model import ModelConfig, Qwen2_5_VLForConditionalGeneration, build_model, load_config, load_pretrained
 from vlft.model import preset as model_preset
 from vlft.model.qwen2_5_vl import LMHead, init_weights
-from vlft.model.weights import check_keys, to_hub_key, weight_files
+from vlft.model.weights import checkpoint_keys, weight_files
 
 READ_BUFFER_BYTES = 16 * 2**20  # file bytes read at a time into a partition (also bounds the dtype conversion)
 
@@ -143,26 +142,6 @@ def _has_checkpoint(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def _checkpoint_tensors(path: str | Path, tied: bool, names: set[str]
-                        ) -> Iterator[tuple[Path, str, str, dict, int]]:
-    """(file, key in the file, parameter name, header entry, offset of the data area) of every tensor to load, file
-    by file; then fails naming the missing and unexpected keys, as `load_pretrained` does."""
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for f in weight_files(path):
-        header, data_start, _ = read_header(f)
-        for key, entry in header.items():
-            name = to_hub_key(key)
-            if tied and name == "lm_head.weight":
-                continue  # some tied checkpoints also store the head; the embedding is authoritative
-            if name not in names:
-                unexpected.append(f"{key} ({f.name})")
-                continue
-            seen.add(name)
-            yield f, key, name, entry, data_start
-    check_keys(path, names, seen, unexpected)
-
-
 def load_partitioned(path: str | Path, ds_config: dict, attn_implementation: str = "sdpa"
                      ) -> Qwen2_5_VLForConditionalGeneration:
     """Build the model partitioned and fill each rank's partitions from the safetensors files (every rank must see
@@ -171,9 +150,11 @@ def load_partitioned(path: str | Path, ds_config: dict, attn_implementation: str
     config.attn_implementation = attn_implementation
     model = _construct(config, ds_config, random_init=False)
     params = dict(model.named_parameters())  # a tied head shares the embedding's parameter: one name
-    for f, key, name, entry, data_start in _checkpoint_tensors(path, config.tie_word_embeddings, set(params)):
+    for f, pairs in checkpoint_keys(path, config.tie_word_embeddings, set(params)):
+        header, data_start, _ = read_header(f)
         with open(f, "rb") as fh:
-            _read_partition(fh, entry, data_start, params[name], f"{key} in {f}")
+            for key, name in pairs:
+                _read_partition(fh, header[key], data_start, params[name], f"{key} in {f}")
     return model.eval()
 
 
@@ -231,9 +212,11 @@ def _load_gathered(path: str, ds_config: dict, attn_implementation: str, acceler
     problem: Exception | None = None
     if rank0:  # every check before the first collective write, so that an error cannot leave the others waiting
         try:
-            for f, key, name, entry, _ in _checkpoint_tensors(path, config.tie_word_embeddings, set(params)):
-                _check_shape(entry, params[name], f"{key} in {f}")
-                where[name] = (f, key)
+            for f, pairs in checkpoint_keys(path, config.tie_word_embeddings, set(params)):
+                header = read_header(f)[0]
+                for key, name in pairs:
+                    _check_shape(header[key], params[name], f"{key} in {f}")
+                    where[name] = (f, key)
         except (KeyError, ValueError) as e:
             problem = e
     if global_sum(accelerator, 1.0 if problem is not None else 0.0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,37 +73,41 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
     config = load_config(path)
     config.attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config)
-    files = weight_files(path)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     expected = set(model.state_dict().keys())
     tied = config.tie_word_embeddings
     if tied:
         expected.discard("lm_head.weight")
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for f in files:
-        shard = {}
+    for f, pairs in checkpoint_keys(path, tied, expected):
         with safe_open(str(f), framework="pt", device=str(device)) as fh:
-            for key in fh.keys():
-                name = to_hub_key(key)
-                if tied and name == "lm_head.weight":
-                    continue  # some tied checkpoints also store the head; the embedding is authoritative
-                if name not in expected:
-                    unexpected.append(f"{key} ({f.name})")
-                    continue
-                shard[name] = fh.get_tensor(key).to(dtype)
+            shard = {name: fh.get_tensor(key).to(dtype) for key, name in pairs}
         model.load_state_dict(shard, strict=False, assign=True)
-        seen.update(shard)
         del shard
-    check_keys(path, expected, seen, unexpected)
     if tied:  # assign=True replaced the embedding parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
 
-def check_keys(path: str | Path, expected: set[str], seen: set[str], unexpected: list[str]) -> None:
-    """Fail naming the parameters no file provided and the file keys no parameter takes (at most 20 of each)."""
+def checkpoint_keys(path: str | Path, tied: bool, expected: set[str]) -> Iterator[tuple[Path, list[tuple[str, str]]]]:
+    """Per safetensors file of the folder, the (key in the file, parameter name) pairs to load; after the last file,
+    fails naming the parameters no file provided and the file keys no parameter takes (at most 20 of each)."""
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = list(fh.keys())
+        pairs = []
+        for key in keys:
+            name = to_hub_key(key)
+            if tied and name == "lm_head.weight":
+                continue  # some tied checkpoints also store the head; the embedding is authoritative
+            if name not in expected:
+                unexpected.append(f"{key} ({f.name})")
+                continue
+            pairs.append((key, name))
+        seen.update(name for _, name in pairs)
+        yield f, pairs
     missing = sorted(expected - seen)
     if unexpected or missing:
         parts = []
