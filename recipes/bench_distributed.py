@@ -64,9 +64,10 @@ def worker(out_dir: str, recipe_args: list[str]) -> int:
 
     def measured_prepare(self, *args):
         result = prepare(self, *args)
-        measured["load"] = _status("VmHWM") - measured["before"]
-        measured["rank"] = self.process_index
-        _reset_peak()
+        if "load" not in measured:  # the first prepare call ends loading (the model is prepared first)
+            measured["load"] = _status("VmHWM") - measured["before"]
+            measured["rank"] = self.process_index
+            _reset_peak()
         return result
 
     vlft.zero3_load.load_model, accelerate.Accelerator.prepare = measured_load, measured_prepare

@@ -18,7 +18,7 @@ partitions:
 
 This module relies on DeepSpeed internals (`ds_tensor`, `ds_numel`, `ds_shape`, the partition layout above, and two
 methods of `zero.Init` overridden below); tests/test_zero3_loading.py pins them: gathered weights equal the files,
-losses equal ZeRO-2's, and each of 2 ranks grows by under 0.75x the model's bytes while loading (0.57x measured:
+losses equal ZeRO-2's, and each of 2 ranks grows by under 0.75x the model's bytes while loading (0.59x measured:
 its half, the read buffer and DeepSpeed's engine).
 """
 
