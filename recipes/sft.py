@@ -37,7 +37,7 @@ from vlft.data.dataset import skip_summary
 from vlft.data.lengths import dataset_lengths, epoch_lengths
 from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
 from vlft.data.streaming import TrainStream, pad_plan, window_size
-from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
+from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step,
                               reduce_sum)
 from vlft.errors import UserError
 from vlft.optim import build_optimizer, build_scheduler
@@ -90,7 +90,7 @@ def build(cfg: ExperimentConfig) -> Setup:
     from transformers import AutoTokenizer
 
     from vlft.data import Collator, SkipCounter, build_datasets
-    from vlft.model import build_model, load_pretrained, preset
+    from vlft.zero3_load import load_model
 
     check_inputs(cfg)  # model, tokenizer, datasets exist: a mistake fails here, before anything is built or written
     accelerator = make_accelerator(cfg)
@@ -119,12 +119,8 @@ def build(cfg: ExperimentConfig) -> Setup:
         total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
 
     torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
-    dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
-    if cfg.model.path.startswith("preset:"):  # a random model (tests, demos); its init is seeded by train.seed
-        model = build_model(preset(cfg.model.path.split(":", 1)[1]), dtype=dtype)
-        model.config.attn_implementation = cfg.model.attn_implementation
-    else:
-        model = load_pretrained(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    # under ZeRO-3 the parameters are partitioned as they are read: no process holds the whole model
+    model = load_model(cfg, accelerator)
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path

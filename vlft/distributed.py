@@ -76,6 +76,13 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     return accelerator
 
 
+def deepspeed_config(accelerator: Accelerator) -> dict[str, Any] | None:
+    """This run's DeepSpeed config with the "auto" values filled in by `make_accelerator` (None without DeepSpeed):
+    what `deepspeed.zero.Init` needs to partition the model exactly as the engine will (vlft.zero3_load)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.deepspeed_config if plugin is not None else None
+
+
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 

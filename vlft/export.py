@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from vlft.errors import UserError
 from vlft.lora_merge import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PARTS, PEFT_PREFIX, Adapter, check_fits, load_adapter,
                              merge_weight, part_of)
-from vlft.model.weights import DTYPES, to_hub_key, weight_files
+from vlft.model.weights import DTYPES, ST_DTYPES, to_hub_key, weight_files
 from vlft.run_folder import rebuild_preset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -52,9 +52,6 @@ class ExportError(UserError, ValueError):
 # Writing: safetensors only writes a complete dict of tensors (the header, which comes first, needs every tensor's
 # size; its maintainers keep it that way), so ShardWriter writes the header from the known names, dtypes and shapes,
 # then the tensors one by one.
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 

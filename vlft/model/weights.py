@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from vlft.model.config import ModelConfig, load_config, save_config
 from vlft.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # safetensors names
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -55,6 +59,23 @@ def weight_files(folder: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
+def safetensors_header(path: str | Path) -> tuple[dict[str, dict], int]:
+    """({name: {dtype, shape, data_offsets}}, offset of the data area) of a safetensors file (an 8-byte length, then
+    that much JSON, then the data). What reading one byte range of a tensor needs, e.g. one rank's ZeRO-3 partition
+    (vlft/zero3_load.py); whole tensors are read with safetensors' own `safe_open`."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if n > 0 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
     if dtype is None or dtype == "auto":
         dtype = config.torch_dtype
@@ -72,29 +93,41 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
     config = load_config(path)
     config.attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config)
-    files = weight_files(path)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     expected = set(model.state_dict().keys())
     tied = config.tie_word_embeddings
     if tied:
         expected.discard("lm_head.weight")
+    for f, pairs in checkpoint_keys(path, tied, expected):
+        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+            shard = {name: fh.get_tensor(key).to(dtype) for key, name in pairs}
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    if tied:  # assign=True replaced the embedding parameter; point the head at it again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def checkpoint_keys(path: str | Path, tied: bool, expected: set[str]) -> Iterator[tuple[Path, list[tuple[str, str]]]]:
+    """Per safetensors file of the folder, the (key in the file, parameter name) pairs to load; after the last file,
+    fails naming the parameters no file provided and the file keys no parameter takes (at most 20 of each)."""
     seen: set[str] = set()
     unexpected: list[str] = []
-    for f in files:
-        shard = {}
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
-            for key in fh.keys():
-                name = to_hub_key(key)
-                if tied and name == "lm_head.weight":
-                    continue  # some tied checkpoints also store the head; the embedding is authoritative
-                if name not in expected:
-                    unexpected.append(f"{key} ({f.name})")
-                    continue
-                shard[name] = fh.get_tensor(key).to(dtype)
-        model.load_state_dict(shard, strict=False, assign=True)
-        seen.update(shard)
-        del shard
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = list(fh.keys())
+        pairs = []
+        for key in keys:
+            name = to_hub_key(key)
+            if tied and name == "lm_head.weight":
+                continue  # some tied checkpoints also store the head; the embedding is authoritative
+            if name not in expected:
+                unexpected.append(f"{key} ({f.name})")
+                continue
+            pairs.append((key, name))
+        seen.update(name for _, name in pairs)
+        yield f, pairs
     missing = sorted(expected - seen)
     if unexpected or missing:
         parts = []
@@ -103,9 +136,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
         raise KeyError(f"checkpoint {path} does not match the Qwen2.5-VL config: " + "; ".join(parts))
-    if tied:  # assign=True replaced the embedding parameter; point the head at it again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
 
 
 def _parse_size(size: int | str) -> int:
