@@ -460,13 +460,13 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         s.stream = stream = DataStream(s, state["position"])
         history, status = [], "completed"
         s.model.train()
-        window, pending = None, None
+        window, pending = None, None  # the next step's micro-batches; the step that ran but is not applied yet
         while True:
             if window is None and state["step"] + (pending is not None) < s.total_steps:
-                window = stream.window()
-            totals = bookkeeping(s, window, pending)
+                window = stream.window()  # its supervised-token count is needed before its backward
+            totals = bookkeeping(s, window, pending)  # the one all-reduce: window's counts, pending's loss/NaN/stop
             if pending is not None:
-                finish_step(s, state, pending, totals, history)
+                finish_step(s, state, pending, totals, history)  # apply or drop, log, evaluate, save
                 pending = None
             if totals["stop"] > 0 and cfg.checkpoint.save_on_signal:
                 status = "interrupted"
