@@ -73,3 +73,16 @@ def test_packed_stream_resumes_with_the_same_losses(tmp_path, monkeypatch):
     second = run_in_process(path, f"train.output_dir={out}", "lora.dropout=0.1", "checkpoint.resume=auto")
     assert first["losses"] + second["losses"] == pytest.approx(full["losses"], abs=1e-6)
     assert max(r["supervised_tokens"] for r in full["steps"]) > 0
+
+
+def test_data_check_reads_a_streamed_set(tmp_path, capsys):
+    from vlft.cli import main
+
+    data = make_tiny_data(tmp_path / "data", ["text", "image", "video", "image+video"] * 2)
+    cfg = tiny_config(tmp_path, data, train={"max_steps": 2})
+    cfg["data"]["datasets"][0]["streaming"] = True
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 8 (8 ok, 0 bad)" in out and "streamed datasets are planned window by window" in out

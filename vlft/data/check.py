@@ -131,6 +131,10 @@ def plan_report(cfg: DataConfig, tokenizer, micro_batch_size: int, gradient_accu
     from vlft.data.sampler import PlanSettings, describe, plan_epoch
 
     settings = PlanSettings.from_config(cfg, micro_batch_size)
+    if any(d.streaming for d in cfg.datasets):  # a stream is planned window by window while it is read
+        line = "batch plan: streamed datasets are planned window by window during training (see docs/packing.md)"
+        print(line, file=out or sys.stdout)
+        return line
     train, _ = build_datasets(cfg, tokenizer)
     lengths = dataset_lengths(train, cfg.num_workers) if (settings.packing or settings.group_by_length) else None
     train.set_epoch(0)
