@@ -37,9 +37,10 @@ from vlft.data.dataset import skip_summary
 from vlft.data.lengths import dataset_lengths, epoch_lengths
 from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step, precision,
-                              reduce_sum)
+                              reduce_sum, zero_stage)
 from vlft.errors import UserError
 from vlft.optim import build_optimizer, build_scheduler
+from vlft.quant import frozen_quantizer
 from vlft.run_folder import (check_run_folder, checkpoint_name, claim_run_folder, remove_partial, resolve_resume,
                              run_id_of, trim_metrics)
 from vlft.tracking import Tracker, format_metrics
@@ -113,11 +114,15 @@ def build(cfg: ExperimentConfig) -> Setup:
 
     torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
     dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
+    # QLoRA (model.quantization): frozen linear layers in 4 bits, quantized shard by shard while loading
+    quantize = frozen_quantizer(cfg.model.quantization, accelerator.device, zero_stage(accelerator))
     if cfg.model.path.startswith("preset:"):  # a random model (tests, demos); its init is seeded by train.seed
         model = build_model(preset(cfg.model.path.split(":", 1)[1]), dtype=dtype)
         model.config.attn_implementation = cfg.model.attn_implementation
     else:
-        model = load_pretrained(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+        model = load_pretrained(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                                after_shard=quantize)
+    model = quantize(model)  # a preset's layers (a loaded model's are 4-bit already)
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path
@@ -363,7 +368,7 @@ def save(s: Setup, state: dict) -> Path:
 
     def extras(folder: Path) -> None:
         dump_yaml(cfg, folder / "config.yaml")
-        write_inference_files(folder, s.tokenizer, cfg.data, s.model_config, cfg.model.path)
+        write_inference_files(folder, s.tokenizer, cfg.data, s.model_config, cfg.model.path, cfg.model.quantization)
 
     path = save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, saved, s.out_dir,
                            cfg.checkpoint.keep_last, extras)

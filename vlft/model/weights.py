@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -66,9 +67,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
-                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"
+                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                    after_shard: Callable[[torch.nn.Module], object] | None = None
                     ) -> Qwen2_5_VLForConditionalGeneration:
-    """Load an HF Qwen2.5-VL folder (flat or nested config.json; one file or shards; Hub or v5 keys)."""
+    """Load an HF Qwen2.5-VL folder (flat or nested config.json; one file or shards; Hub or v5 keys).
+
+    `after_shard(model)` runs after each shard is loaded, while the layers of later shards are still on the meta
+    device: vlft.quant replaces the loaded linear layers by 4-bit ones there, so that a full-precision copy of the
+    whole model never exists."""
     config = load_config(path)
     config.attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config)
@@ -94,6 +100,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
                 shard[name] = fh.get_tensor(key).to(dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)
+        if after_shard is not None:
+            after_shard(model)
         del shard
     missing = sorted(expected - seen)
     if unexpected or missing:
