@@ -97,7 +97,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
                 if name not in expected:
                     unexpected.append(f"{key} ({f.name})")
                     continue
-                shard[name] = fh.get_tensor(key).to(dtype)
+                raw = fh.get_tensor(key)
+                t = raw.to(dtype)
+                if after_shard is not None and t is raw and t.device.type == "cpu":
+                    # a tensor read on the CPU is a view of the file's mapping, which stays mapped (with every page
+                    # read) while one such view lives: a copy lets the shard's pages go once its layers are replaced
+                    t = t.clone()
+                shard[name] = t
         model.load_state_dict(shard, strict=False, assign=True)
         seen.update(shard)
         if after_shard is not None:
