@@ -262,12 +262,13 @@ def test_export_merges_into_the_float_base(qlora_run, tmp_path):
         export_merged(str(ckpt), str(tmp_path / "other"), base=str(quantized_base))
 
 
-def test_load_4bit_runs_the_adapter_as_trained(qlora_run):
+def test_load_4bit_runs_the_adapter_as_trained(qlora_run, tmp_path):
     from peft import PeftModel
 
+    from vlft.evaluate import main as evaluate
     from vlft.generate import load_for_inference, main
 
-    root, _, _ = qlora_run
+    root, path, _ = qlora_run
     ckpt = root / "out" / f"checkpoint-{STEPS:07d}"
     model, *_ = load_for_inference(None, str(ckpt), dtype="fp32", device="cpu", load_4bit=True)
     assert len(quantized_layers(model)) == 14
@@ -280,6 +281,15 @@ def test_load_4bit_runs_the_adapter_as_trained(qlora_run):
     assert not torch.allclose(ours, float_logits, atol=1e-3)  # the flag did quantize
     assert main(["--adapter", str(ckpt), "--load-4bit", "--device", "cpu", "--prompt", "hi",
                  "--max-new-tokens", "3"]) == 0  # the command's plumbing (the tiny model's text is arbitrary)
+    losses = {}
+    for flags in (["--load-4bit"], []):
+        out = tmp_path / f"eval{len(flags)}"
+        assert evaluate([str(path), "data.eval_split=0.25", "--checkpoint", str(ckpt), *flags, "--no-generate",
+                         "--limit", "4", "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["samples"] == 4
+        losses[bool(flags)] = summary["loss"]
+    assert losses[True] != pytest.approx(losses[False], abs=1e-4)  # eval ran the 4-bit base
 
 
 @pytest.mark.slow
