@@ -202,6 +202,33 @@ def test_only_lora_and_trained_modules_get_gradients_with_and_without_checkpoint
                    ExperimentConfig(lora=LoraSection(train_fully=["model.layers.0.mlp"])))
 
 
+@pytest.mark.parametrize("options", [{"use_dora": True}, {"use_rslora": True, "rank_pattern": {"q_proj": 2}}],
+                         ids=["dora", "rslora-ranks"])
+def test_attach_adapter_equals_peft_on_a_4bit_base(tmp_path, options):
+    """`--load-4bit` puts a saved adapter on the 4-bit base as peft would load it: per-module ranks and scales, DoRA
+    magnitudes, the fully trained merger."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from vlft.lora_merge import load_adapter
+    from vlft.quant import attach_adapter
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "attn.qkv"],
+                        modules_to_save=["visual.merger"], init_lora_weights=False, **options)
+    trained = get_peft_model(quantize_frozen(tiny(), QuantizationSection()), config)
+    with torch.no_grad():
+        trained.base_model.model.visual.merger.modules_to_save["default"].mlp[0].weight.mul_(1.5)
+    trained.save_pretrained(str(tmp_path))
+    ours = quantize_frozen(tiny(), QuantizationSection())
+    attach_adapter(ours, load_adapter(tmp_path))
+    reference = PeftModel.from_pretrained(quantize_frozen(tiny(), QuantizationSection()), str(tmp_path)).eval()
+    batch = media_inputs(ours.config, [[3, ("image", (1, 4, 4)), 5]])
+    batch.pop("mm_token_type_ids")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
+        bare = quantize_frozen(tiny(), QuantizationSection()).eval()
+        assert not torch.allclose(ours(**batch).logits, bare(**batch).logits, atol=1e-3)  # the adapter is on
+
+
 # ============================================================================= the recipe, export, inference
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
