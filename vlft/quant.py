@@ -148,11 +148,16 @@ def attach_adapter(model: torch.nn.Module, adapter) -> None:
     the quantization step (about 10% of a weight)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from vlft.lora_merge import Adapter, apply_adapter, check_fits
+    from vlft.lora_merge import Adapter, AdapterError, apply_adapter, check_fits
 
-    shapes = {n + ".weight": list(m.weight.quant_state.shape) for n, m in model.named_modules() if is_4bit(m)}
+    quantized = set(quantized_layers(model))
+    shapes = {n + ".weight": list(model.get_submodule(n).weight.quant_state.shape) for n in quantized}
     shapes.update({n: list(p.shape) for n, p in model.named_parameters() if n not in shapes})
     check_fits(adapter, shapes, "<loaded model>")
+    overwritten = [k for k in adapter.full if k.rpartition(".")[0] in quantized]
+    if overwritten:
+        raise AdapterError(f"{adapter.folder}: {overwritten[0]} was trained in full but is a 4-bit layer with "
+                           "--load-4bit; run without --load-4bit (the float base takes it)")
     modules = sorted(adapter.lora)
     if modules:
         # per-module rank and alpha (alpha = scale * rank gives peft's scale alpha / rank, rsLoRA included)
