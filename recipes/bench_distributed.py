@@ -51,16 +51,16 @@ def worker(out_dir: str, recipe_args: list[str]) -> int:
     """Run recipes/sft.py in this rank with its host memory measured; writes OUT_DIR/memory-rank{R}.json."""
     import accelerate
 
-    import vlft.zero3_load
+    import vlft.loading
 
-    load_model, prepare = vlft.zero3_load.load_model, accelerate.Accelerator.prepare
+    load_model, prepare = vlft.loading.load_model, accelerate.Accelerator.prepare
     measured: dict[str, int] = {}
 
-    def measured_load(cfg, accelerator):
+    def measured_load(cfg, accelerator, **kwargs):
         gc.collect()
         _reset_peak()
         measured["before"] = _status("VmRSS")
-        return load_model(cfg, accelerator)
+        return load_model(cfg, accelerator, **kwargs)
 
     def measured_prepare(self, *args):
         result = prepare(self, *args)
@@ -70,7 +70,7 @@ def worker(out_dir: str, recipe_args: list[str]) -> int:
             _reset_peak()
         return result
 
-    vlft.zero3_load.load_model, accelerate.Accelerator.prepare = measured_load, measured_prepare
+    vlft.loading.load_model, accelerate.Accelerator.prepare = measured_load, measured_prepare
     from vlft.train_cli import load_recipe  # loaded after the patch, so the recipe calls the measured functions
 
     code = load_recipe().main(recipe_args)

@@ -38,9 +38,10 @@ from vlft.data.lengths import dataset_lengths, epoch_lengths
 from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
 from vlft.data.streaming import TrainStream, pad_plan, window_size
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step,
-                              reduce_sum)
+                              reduce_sum, zero_stage)
 from vlft.errors import UserError
 from vlft.optim import build_optimizer, build_scheduler
+from vlft.quant import frozen_quantizer
 from vlft.run_folder import (check_run_folder, checkpoint_name, claim_run_folder, remove_partial, resolve_resume,
                              run_id_of, trim_metrics)
 from vlft.tracking import Tracker, format_metrics
@@ -90,7 +91,7 @@ def build(cfg: ExperimentConfig) -> Setup:
     from transformers import AutoTokenizer
 
     from vlft.data import Collator, SkipCounter, build_datasets
-    from vlft.zero3_load import load_model
+    from vlft.loading import load_model
 
     check_inputs(cfg)  # model, tokenizer, datasets exist: a mistake fails here, before anything is built or written
     accelerator = make_accelerator(cfg)
@@ -119,8 +120,10 @@ def build(cfg: ExperimentConfig) -> Setup:
         total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
 
     torch.manual_seed(cfg.train.seed)  # a preset's random init, LoRA init and dropout all draw from here
-    # under ZeRO-3 the parameters are partitioned as they are read: no process holds the whole model
-    model = load_model(cfg, accelerator)
+    # under ZeRO-3 the parameters are partitioned as they are read: no process holds the whole model; with
+    # model.quantization (QLoRA) the frozen linear layers become 4-bit shard by shard while loading
+    quantize = frozen_quantizer(cfg.model.quantization, accelerator.device, zero_stage(accelerator))
+    model = quantize(load_model(cfg, accelerator, after_shard=quantize))
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path
@@ -387,7 +390,7 @@ def save(s: Setup, state: dict) -> Path:
 
     def extras(folder: Path) -> None:
         dump_yaml(cfg, folder / "config.yaml")
-        write_inference_files(folder, s.tokenizer, cfg.data, s.model_config, cfg.model.path)
+        write_inference_files(folder, s.tokenizer, cfg.data, s.model_config, cfg.model.path, cfg.model.quantization)
 
     path = save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, saved, s.out_dir,
                            cfg.checkpoint.keep_last, extras)

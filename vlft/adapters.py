@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from vlft.config import ConfigError, ExperimentConfig, LoraSection
 from vlft.lora_merge import PARTS, part_of
+from vlft.quant import check_train_fully, logical_numel
 
 # Where each part's blocks live; a target suffix is appended to one of these prefixes.
 PART_PREFIXES = {
@@ -79,6 +80,7 @@ def apply_lora(model: torch.nn.Module, cfg: ExperimentConfig) -> PeftModel:
     copies of `train_fully` modules train. The check after wrapping catches a `train_fully` entry inside a frozen part.
     """
     check_targets(model, cfg.lora)
+    check_train_fully(model, cfg.lora.train_fully)  # no 4-bit layer inside a fully trained module (QLoRA)
     peft_model = get_peft_model(model, lora_config(cfg.lora))
     frozen = {"language": cfg.freeze.language, "vision": cfg.freeze.vision, "merger": cfg.freeze.merger}
     for name, param in peft_model.named_parameters():
@@ -93,7 +95,7 @@ def trainable_report(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     for name, param in model.named_parameters():
         if ".original_module." in name:  # peft keeps the frozen original next to a fully trained copy
             continue
-        n = int(getattr(param, "ds_numel", param.numel()))
+        n = int(getattr(param, "ds_numel", logical_numel(param)))
         row = report[part_of(name)]
         row["total"] += n
         if param.requires_grad:

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     # a missing model or adapter is reported by the vlft CLI's one error policy (vlft/cli.py)
-    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
+    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn,
+                                                     load_4bit=args.load_4bit)
     kw = sampling_kwargs(args, tokenizer, model)
     device, tps = model.lm_head.weight.device, model.config.vision.tokens_per_second
     history: list = []

@@ -18,7 +18,8 @@ Layout of a run's output folder (one run per folder: see vlft/run_folder.py):
         tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   the tokenizer and chat template used
         preprocessor_config.json     image processor settings used in training (min/max pixels, patch/merge sizes)
         video_preprocessor_config.json   video settings used in training (fps, frame and pixel limits)
-        base_model.json              the base model path and its config.json contents, for export and inference
+        base_model.json              the base model path and its config.json contents, for export and inference;
+                                     "quantization": the QLoRA settings when the run trained on a 4-bit base
 
 Everything a resume reads is safetensors or JSON: no pickle is ever loaded, DeepSpeed's own pickled state files are
 neither written nor read. The trainable state is gathered from DDP / ZeRO shards into full tensors by parameter name
@@ -212,9 +213,12 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
 
 
 # ---------------------------------------------------------------------------------------------- inference files
-def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_config: Any, model_path: str) -> None:
+def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_config: Any, model_path: str,
+                          quantization: Any = None) -> None:
     """Tokenizer + chat template, the processor settings used in training, and the base model reference, so that
-    inference and export run at the pixel and frame limits of training (not the Hub defaults)."""
+    inference and export run at the pixel and frame limits of training (not the Hub defaults). `quantization`: the
+    QLoRA settings of a run on a 4-bit base (recorded so that export merges into the float base at `model_path` and
+    `--load-4bit` inference quantizes as in training)."""
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
     v = model_config.vision
@@ -234,5 +238,7 @@ def write_inference_files(folder: Path, tokenizer: Any, data_cfg: Any, model_con
                  size={"shortest_edge": data_cfg.video_min_pixels, "longest_edge": data_cfg.video_max_pixels})
     (folder / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
     (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (folder / "base_model.json").write_text(json.dumps({"path": model_path, "config": model_config.to_hf_dict()},
-                                                       indent=2))
+    from vlft.config import to_dict
+
+    base = {"path": model_path, "config": model_config.to_hf_dict(), "quantization": to_dict(quantization)}
+    (folder / "base_model.json").write_text(json.dumps(base, indent=2))

@@ -48,6 +48,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `X | None`: X's own message names the inner key (model.quantization.quant_type)
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -215,6 +217,21 @@ from vlft.data.config import DataConfig, check_range, validate_data  # noqa: E40
 
 
 @dataclasses.dataclass
+class QuantizationSection:
+    """QLoRA: the frozen base's linear layers held in 4 bits by bitsandbytes (vlft/quant.py). LoRA, trained modules,
+    embeddings, lm_head, norms and the vision merger stay in model.dtype. Works with 1 process, DDP and ZeRO-2;
+    ZeRO-3 is refused (it would partition the packed 4-bit weights)."""
+
+    bits: Literal[4] = 4  # only 4-bit (QLoRA); 8-bit bases are not offered
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # NF4: the QLoRA paper's normal-float code (use it unless comparing)
+    double_quant: bool = True  # quantize the per-block scales too (about 0.4 bit less per weight)
+    # dtype of the dequantized weight in each matmul; "auto": the dtype the layer was loaded in (model.dtype, or
+    # float32 when training on CPU)
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    vision: bool = False  # also quantize the vision tower's blocks (attn.qkv, attn.proj, mlp.*); the merger never
+
+
+@dataclasses.dataclass
 class ModelSection:
     # HF folder with config.json + *.safetensors, or "preset:<name>" (e.g. "preset:tiny") for a random model.
     path: str = ""
@@ -228,6 +245,9 @@ class ModelSection:
     # Run the vision tower in every step, on a dummy input multiplied by zero when a batch has no image/video,
     # and images+videos in one call. Required for ZeRO-3 (ranks must agree on collectives); cheap elsewhere.
     run_vision_always: bool = True
+    # null: a full-precision base. A mapping (`{}` for the defaults): QLoRA, see QuantizationSection above; set it
+    # from the command line with model.quantization={} or model.quantization.quant_type=fp4.
+    quantization: QuantizationSection | None = None
 
 
 @dataclasses.dataclass

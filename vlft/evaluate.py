@@ -1,7 +1,8 @@
 """`vlft eval`: loss on the eval set, and exact-match / contains accuracy of greedy answers, of a training checkpoint
 or of a base model.
 
-    vlft eval CONFIG --checkpoint CKPT [--model BASE] [--out DIR] [--overwrite] [--max-new-tokens 32] [key=value ...]
+    vlft eval CONFIG --checkpoint CKPT [--model BASE] [--load-4bit] [--out DIR] [--overwrite] [--max-new-tokens 32]
+              [key=value ...]
     vlft eval CONFIG --model BASE [--out DIR] ...          (a base model as it is, e.g. before training)
 
 The eval set is the config's (data.eval_datasets, else the seeded data.eval_split of the training mix), processed
@@ -110,7 +111,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def evaluate(cfg, checkpoint: str | None, out_dir: Path, max_new_tokens: int = 32, batch_size: int = 4,
              limit: int | None = None, device: str = "auto", do_generate: bool = True,
-             model_path: str | None = None) -> dict:
+             model_path: str | None = None, load_4bit: bool = False) -> dict:
     """Evaluate a checkpoint (on `model_path`, else the config's base model) or, without one, the base model
     `model_path` as it is. Writes OUT/predictions.jsonl and OUT/summary.json (nothing on an error)."""
     from vlft.data import Collator, Skipped, build_datasets
@@ -119,7 +120,7 @@ def evaluate(cfg, checkpoint: str | None, out_dir: Path, max_new_tokens: int = 3
         raise ValueError("evaluate: give a checkpoint, or model_path to score a base model")
     base = model_path or cfg.model.path
     model, tokenizer, _, folders = load_for_inference(base, checkpoint, "auto", device, cfg.model.attn_implementation,
-                                                      tokenizer_dir=cfg.data.tokenizer)
+                                                      tokenizer_dir=cfg.data.tokenizer, load_4bit=load_4bit)
     _, eval_ds = build_datasets(cfg.data, tokenizer, model.config.vision.tokens_per_second)
     if eval_ds is None:
         raise UserError("the config has no eval set: set data.eval_datasets or data.eval_split")
@@ -224,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples")
     ap.add_argument("--no-generate", action="store_true", help="loss only")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--load-4bit", action="store_true",
+                    help="run the base's language-model layers in 4 bits with the adapter unmerged, as a QLoRA run "
+                         "trained (the checkpoint's recorded settings, else NF4); default: the float base, adapter "
+                         "merged")
     args = ap.parse_args(argv)
     cfg = load_experiment(args.config, args.overrides)
     model = args.model if args.model is None or args.model.startswith("preset:") else os.path.abspath(args.model)
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(cfg, ckpt, model)
     check_out(out, args.overwrite)
     summary = evaluate(cfg, str(ckpt) if ckpt else None, out, args.max_new_tokens, args.batch_size, args.limit,
-                       args.device, not args.no_generate, model)
+                       args.device, not args.no_generate, model, args.load_4bit)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
     return 0

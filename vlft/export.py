@@ -295,6 +295,9 @@ def resolve_base(base: str | None, ckpt: Path, scratch: Path | None = None) -> P
         if not base:
             raise ExportError(f"pass --base: {info} names no base model path")
         print(f"base model from {info}: {base}", file=sys.stderr)
+        if rec.get("quantization"):  # QLoRA: the run saw a 4-bit copy; the merge uses the float weights on disk
+            print(f"the adapter was trained on a 4-bit ({rec['quantization'].get('quant_type')}) copy of this base; "
+                  "it is merged into the base's original float weights", file=sys.stderr)
     if str(base).startswith("preset:"):
         if base != "preset:tiny" or scratch is None:
             raise ExportError(f"pass --base: {base!r} is a random preset, not a folder of weights")
@@ -305,6 +308,10 @@ def resolve_base(base: str | None, ckpt: Path, scratch: Path | None = None) -> P
     p = Path(base)
     if not (p / "config.json").is_file():
         raise ExportError(f"base model folder {p} has no config.json")
+    quantized = json.loads((p / "config.json").read_text()).get("quantization_config")
+    if quantized:  # merging there would dequantize, add the update and quantize again, losing the small updates
+        raise ExportError(f"base model folder {p} holds quantized weights ({quantized.get('quant_method', 'unknown')}"
+                          "); merge into the original float model instead (--base FOLDER of the float weights)")
     try:
         weight_files(p)  # fails naming the folder when weights are missing
     except ValueError as e:  # pickle-only weights

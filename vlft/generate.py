@@ -1,7 +1,7 @@
 """Generation with a KV cache and Qwen2.5-VL's 3D positions, and `vlft generate`.
 
-    vlft generate --model DIR [--adapter CKPT] [--image PATH ...] [--video PATH ...] --prompt "..." [--prompt ...]
-                  [--boxes original]   (boxes and points in the --image files' own pixels: docs/grounding.md)
+    vlft generate --model DIR [--adapter CKPT] [--load-4bit] [--image PATH ...] [--video PATH ...] --prompt "..."
+                  [--prompt ...] [--boxes original]   (boxes in the --image files' own pixels: docs/grounding.md)
 
 Positions (docs/positions.md#generation): the prompt gets get_rope_index's [3, B, L] ids and rope_delta =
 max + 1 - L (L the padded length); the token written at cache length c gets position c + rope_delta in all three
@@ -213,23 +213,29 @@ def left_pad(samples: list[dict], pad_id: int) -> dict:
 
 # ============================================================================= loading
 def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype: str = "auto",
-                       device: str = "auto", attn: str = "sdpa", tokenizer_dir: str | None = None):
+                       device: str = "auto", attn: str = "sdpa", tokenizer_dir: str | None = None,
+                       load_4bit: bool = False):
     """(model, tokenizer, media limits, folders) from an HF folder and/or a training checkpoint (merged in place).
     Without --model the checkpoint's base_model.json names the base; a "preset:NAME" base is rebuilt from the
     run's seed (random tiny models in tests and demos). The tokenizer comes from the checkpoint, else
-    `tokenizer_dir`, else the base folder."""
+    `tokenizer_dir`, else the base folder. `load_4bit`: the base's language-model layers in 4 bits as a QLoRA run
+    trained them (vlft/quant.py; the settings the checkpoint recorded, else NF4), the adapter on them unmerged."""
     from transformers import AutoTokenizer
 
     from vlft.model import load_pretrained
     from vlft.model.weights import DTYPES
+    from vlft.quant import attach_adapter, frozen_quantizer, recorded_settings
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = resolve_checkpoint(adapter) if adapter else None
+    base_info = json.loads((ckpt / "base_model.json").read_text()) if ckpt and (ckpt / "base_model.json").is_file() \
+        else None
     if model_dir is None:
-        if ckpt is None or not (ckpt / "base_model.json").is_file():
+        if base_info is None:
             raise FileNotFoundError("pass --model (an HF folder); the checkpoint does not name its base model")
-        model_dir = json.loads((ckpt / "base_model.json").read_text())["path"]
+        model_dir = base_info["path"]
+    quantize = frozen_quantizer(recorded_settings(base_info) if load_4bit else None, device)
     if dtype == "auto":
         torch_dtype = torch.float32 if device == "cpu" else None  # None: the checkpoint's own dtype
     else:
@@ -239,10 +245,12 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
         model.config.attn_implementation = attn
         base_folder = None
     else:
-        model = load_pretrained(model_dir, dtype=torch_dtype, device=device, attn_implementation=attn)
+        model = load_pretrained(model_dir, dtype=torch_dtype, device=device, attn_implementation=attn,
+                                after_shard=quantize)
         base_folder = Path(model_dir)
+    model = quantize(model)
     if ckpt is not None:
-        apply_adapter(model, load_adapter(ckpt))
+        (attach_adapter if load_4bit else apply_adapter)(model, load_adapter(ckpt))
     model.eval()
     folders = [f for f in (ckpt, base_folder) if f is not None]
     candidates = [f for f in (ckpt, Path(tokenizer_dir) if tokenizer_dir else None, base_folder) if f is not None]
@@ -275,6 +283,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU, the checkpoint's on GPU), bf16, fp16, fp32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    ap.add_argument("--load-4bit", action="store_true",
+                    help="the base's language-model layers in 4 bits, with the adapter unmerged, as a QLoRA run "
+                         "trained (the checkpoint's recorded settings, else NF4); needs bitsandbytes")
 
 
 def sampling_kwargs(args, tokenizer, model) -> dict:
@@ -301,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     # errors (a missing file, an unreadable image, ...) are reported by the vlft CLI's one policy (vlft/cli.py)
-    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn)
+    model, tokenizer, limits, _ = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.attn,
+                                                     load_4bit=args.load_4bit)
     media = [Media("image", p) for p in args.image] + [Media("video", p) for p in args.video]
     tps = model.config.vision.tokens_per_second
     samples = [encode_prompt([Message("user", media + [text])], tokenizer, limits, tps, args.system)

@@ -1,7 +1,7 @@
-"""The run's base model, built so that under DeepSpeed ZeRO-3 no process ever holds all of it.
+"""The run's base model under DeepSpeed ZeRO-3, built so that no process ever holds all of it (vlft/loading.py calls
+this module only under ZeRO-3: importing it imports DeepSpeed).
 
-Without ZeRO-3 (one process, DDP, ZeRO-1/2) every rank holds the whole model anyway: `load_pretrained` reads it, or a
-preset is built with seeded random weights. Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, which
+The model is built inside `deepspeed.zero.Init`, which
 partitions each module's parameters as soon as the module is constructed, and then every rank fills only its own
 partitions:
 
@@ -36,8 +36,8 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 from vlft.config import ExperimentConfig
-from vlft.distributed import deepspeed_config, precision, reduce_sum, zero_stage
-from vlft.model import ModelConfig, Qwen2_5_VLForConditionalGeneration, build_model, load_config, load_pretrained
+from vlft.distributed import deepspeed_config, reduce_sum
+from vlft.model import ModelConfig, Qwen2_5_VLForConditionalGeneration, load_config
 from vlft.model import preset as model_preset
 from vlft.model.qwen2_5_vl import LMHead, init_weights
 from vlft.model.weights import ST_DTYPES, checkpoint_keys, safetensors_header, weight_files
@@ -45,27 +45,15 @@ from vlft.model.weights import ST_DTYPES, checkpoint_keys, safetensors_header, w
 READ_BUFFER_BYTES = 16 * 2**20  # file bytes read at a time into a partition (also bounds the dtype conversion)
 
 
-def load_model(cfg: ExperimentConfig, accelerator: Accelerator) -> Qwen2_5_VLForConditionalGeneration:
-    """The base model named by `cfg.model.path` (an HF folder or `preset:NAME`), in eval mode.
-
-    Call it after `make_accelerator` (it needs the process group and the filled-in DeepSpeed config) and before
-    `apply_lora` and `accelerator.prepare`, on every rank. Under ZeRO-3 the parameters come back partitioned
-    (`param.numel() == 0`; the full shape is `param.ds_shape`) and `prepare` takes them as they are.
-    """
+def load_model_zero3(cfg: ExperimentConfig, accelerator: Accelerator) -> Qwen2_5_VLForConditionalGeneration:
+    """The base model with its parameters partitioned as they are read (`param.numel() == 0`; the full shape is
+    `param.ds_shape`); `accelerator.prepare` takes them as they are. Called by vlft.loading.load_model under ZeRO-3."""
+    # the parameter dtype is the DeepSpeed config's (bf16/fp16 when enabled, else float32), which is also what the
+    # engine would convert the model to
     path = cfg.model.path
-    name = path.split(":", 1)[1] if path.startswith("preset:") else None
-    if zero_stage(accelerator) != 3:
-        dtype = torch.float32 if precision(cfg) == "fp32" else getattr(torch, cfg.model.dtype)
-        if name is None:
-            return load_pretrained(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-        model = build_model(model_preset(name), dtype=dtype)  # seeded by the caller (train.seed)
-        model.config.attn_implementation = cfg.model.attn_implementation
-        return model
-    # Under ZeRO-3 the parameter dtype is the DeepSpeed config's (bf16/fp16 when enabled, else float32), which is
-    # also what the engine would convert the model to.
     ds_config = deepspeed_config(accelerator)
-    if name is not None:
-        config = model_preset(name)
+    if path.startswith("preset:"):
+        config = model_preset(path.split(":", 1)[1])
         config.attn_implementation = cfg.model.attn_implementation
         return build_partitioned_preset(config, ds_config)
     # Partitions swapped out to NVMe are not in memory to be written: those runs take the gathered path too.

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -87,9 +88,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
-                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"
+                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                    after_shard: Callable[[torch.nn.Module], object] | None = None
                     ) -> Qwen2_5_VLForConditionalGeneration:
-    """Load an HF Qwen2.5-VL folder (flat or nested config.json; one file or shards; Hub or v5 keys)."""
+    """Load an HF Qwen2.5-VL folder (flat or nested config.json; one file or shards; Hub or v5 keys).
+
+    `after_shard(model)` runs after each shard is loaded, while the layers of later shards are still on the meta
+    device: vlft.quant replaces the loaded linear layers by 4-bit ones there, so that a full-precision copy of the
+    whole model never exists."""
     config = load_config(path)
     config.attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config)
@@ -100,9 +106,19 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = torch.bf
     if tied:
         expected.discard("lm_head.weight")
     for f, pairs in checkpoint_keys(path, tied, expected):
+        shard = {}
         with safe_open(str(f), framework="pt", device=str(device)) as fh:
-            shard = {name: fh.get_tensor(key).to(dtype) for key, name in pairs}
+            for key, name in pairs:
+                raw = fh.get_tensor(key)
+                t = raw.to(dtype)
+                if after_shard is not None and t is raw and t.device.type == "cpu":
+                    # a tensor read on the CPU is a view of the file's mapping, which stays mapped (with every page
+                    # read) while one such view lives: a copy lets the shard's pages go once its layers are replaced
+                    t = t.clone()
+                shard[name] = t
         model.load_state_dict(shard, strict=False, assign=True)
+        if after_shard is not None:
+            after_shard(model)
         del shard
     if tied:  # assign=True replaced the embedding parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
