@@ -17,8 +17,9 @@ from accelerate.utils import DistributedType
 
 from vlft.config import ExperimentConfig
 
-# Batch keys that stay on the host: the vision tower reads the grids on the CPU (a device grid costs a sync).
-HOST_KEYS = ("image_grid_thw", "video_grid_thw")
+# Batch keys that stay on the host: the model reads them there (grids, packing boundaries, the padding side, the
+# supervised positions) and copies to the device what it needs without waiting; on the device each would cost a sync.
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens", "attention_mask", "labels")
 
 
 def precision(cfg: ExperimentConfig) -> str:

@@ -130,8 +130,9 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         if position_ids is None:
             if past_len:
                 raise ValueError("with a KV cache, pass position_ids (3 rows): vlft.generate computes them")
+            mask = None if attention_mask is None else attention_mask.to(input_ids.device)
             position_ids, _ = get_rope_index(self.config, input_ids, image_grid_thw, video_grid_thw,
-                                             second_per_grid_ts, attention_mask)
+                                             second_per_grid_ts, mask)
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         elif position_ids.shape[0] == 4:  # transformers' 4-row form: [text row; t; h; w]
