@@ -10,6 +10,7 @@ import torch
 
 import vlft.model.attention as attention
 from model_fixtures import make_pair, media_inputs
+from varlen_emulation import emulated_varlen as _emulated_varlen
 from vlft.data.packing import cu_seqlens_for_rows
 from vlft.model import get_rope_index
 from vlft.model.attention import Segments, make_segments, segment_attention, varlen_arguments
@@ -39,33 +40,6 @@ def test_varlen_arguments_describe_the_sdpa_segments(cu, expected_cu, longest):
     assert max_len == max(b - a for a, b in _segments_of(cu))
 
 
-def _emulated_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
-    """torch.nn.attention.varlen.varlen_attn's contract, in float64 on CPU, segment by segment from its arguments.
-
-    Causality comes from `is_causal` (torch 2.10) or `window_size` ((-1, 0) causal, (-1, -1) full); the keyword
-    arguments must be ones the installed torch's varlen_attn accepts (`attention._VARLEN_ARGS`).
-    """
-    unknown = set(kw) - attention._VARLEN_ARGS
-    assert not unknown, f"varlen_attn has no argument {unknown}"
-    if "enable_gqa" in attention._VARLEN_ARGS and query.shape[1] != key.shape[1]:
-        assert kw.get("enable_gqa"), "torch >= 2.12 refuses fewer key/value heads without enable_gqa=True"
-    causal = kw["is_causal"] if "is_causal" in kw else tuple(kw["window_size"]) == (-1, 0)
-    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
-    out = torch.empty(query.shape, dtype=torch.float64)
-    groups = query.shape[1] // key.shape[1]
-    cu = cu_seq_q.tolist()
-    for a, b in zip(cu[:-1], cu[1:]):
-        assert 0 < b - a <= max_q, "a segment longer than max_q (or empty) would be cut short by the kernel"
-        q = query[a:b].double().transpose(0, 1)
-        k = key[a:b].double().repeat_interleave(groups, 1).transpose(0, 1)
-        v = value[a:b].double().repeat_interleave(groups, 1).transpose(0, 1)
-        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if causal:
-            scores = scores.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
-        out[a:b] = (scores.softmax(-1) @ v).transpose(0, 1)
-    return out.to(query.dtype)
-
-
 VARLEN_APIS = {  # the keyword arguments of varlen_attn in the torch releases that have it
     "torch-2.10": frozenset({"is_causal", "return_aux"}),
     "torch-2.11": frozenset({"return_aux", "scale", "window_size"}),
@@ -78,10 +52,17 @@ def emulated_varlen(request, monkeypatch):
     """Route the model's varlen calls to the emulation, as if on CUDA with the given torch release's API."""
     if not VARLEN_APIS[request.param]:
         pytest.skip("the installed torch has no torch.nn.attention.varlen")
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(kw)
+        return _emulated_varlen(*args, **kw)
+
     monkeypatch.setattr(attention, "_VARLEN_ARGS", VARLEN_APIS[request.param])
-    monkeypatch.setattr(attention, "varlen_attn", _emulated_varlen, raising=False)
+    monkeypatch.setattr(attention, "varlen_attn", counted, raising=False)
     monkeypatch.setattr(attention, "uses_varlen", lambda impl, device, dtype: impl == "sdpa")
-    return monkeypatch
+    monkeypatch.setattr(attention, "_VARLEN_DTYPES", (torch.float32,))  # the tests run in float32
+    return monkeypatch, calls
 
 
 @pytest.mark.parametrize("causal, heads, kv_heads", [(False, 4, 4), (True, 4, 2)], ids=["vision", "text-gqa"])
@@ -95,6 +76,7 @@ def test_emulated_varlen_equals_sdpa_segments(emulated_varlen, causal, heads, kv
     seg = make_segments(cu, "sdpa", q.device, q.dtype)
     assert seg.cu_device is not None and seg.max_len == 64
     ours = segment_attention(q, k, v, seg, causal=causal, impl="sdpa")
+    assert len(emulated_varlen[1]) == 1  # one varlen call for all segments
     assert (ours - ref).abs().max() < 1e-5
 
 
@@ -112,8 +94,32 @@ def test_model_through_emulated_varlen_equals_sdpa(emulated_varlen):
                  pixel_values=a["pixel_values"], image_grid_thw=a["image_grid_thw"],
                  pixel_values_videos=b["pixel_values_videos"], video_grid_thw=b["video_grid_thw"],
                  second_per_grid_ts=sec, cu_seqlens=torch.tensor([0, na, na + nb], dtype=torch.int32))
+    monkeypatch, calls = emulated_varlen
     with torch.no_grad():
         ours = model(**batch).logits
-        emulated_varlen.setattr(attention, "uses_varlen", lambda impl, device, dtype: False)
+        # one varlen call per vision block and per text layer
+        assert len(calls) == cfg.vision.depth + cfg.text.num_hidden_layers
+        monkeypatch.setattr(attention, "uses_varlen", lambda impl, device, dtype: False)
         ref = model(**batch).logits
+    assert len(calls) == cfg.vision.depth + cfg.text.num_hidden_layers  # the reference ran the sdpa path
     assert (ours - ref).abs().max() < 1e-5
+
+
+def test_grouped_heads_are_repeated_where_varlen_refuses_them(emulated_varlen):
+    """A torch without `enable_gqa` whose varlen_attn refused fewer key/value heads: the heads are repeated."""
+    monkeypatch, _ = emulated_varlen
+    monkeypatch.setattr(attention, "_VARLEN_ARGS", VARLEN_APIS["torch-2.11"])
+    monkeypatch.setattr(attention, "_native_gqa", [True])
+
+    def strict(query, key, *args, **kw):
+        if query.shape[1] != key.shape[1]:
+            raise ValueError("Expect query and key/value to have the same number of heads")
+        return _emulated_varlen(query, key, *args, **kw)
+
+    monkeypatch.setattr(attention, "varlen_attn", strict)
+    g = torch.Generator().manual_seed(0)
+    cu = [0, 5, 12, 20]
+    q, k, v = torch.randn(20, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)
+    ref = segment_attention(q, k, v, Segments(cu), causal=True, impl="sdpa")
+    ours = segment_attention(q, k, v, make_segments(cu, "sdpa", q.device, q.dtype), causal=True, impl="sdpa")
+    assert attention._native_gqa == [False] and (ours - ref).abs().max() < 1e-5

@@ -115,21 +115,33 @@ def _sdpa(q, k, v, mask=None, causal=False):
                                           enable_gqa=groups > 1)
 
 
+_native_gqa = [True]  # cleared if this torch's varlen_attn refuses fewer key/value heads than query heads
+
+
 def _torch_varlen(q_NHD, k_NHD, v_NHD, seg: Segments, causal: bool) -> torch.Tensor:
     kw = {}
     if "is_causal" in _VARLEN_ARGS:
         kw["is_causal"] = causal
     else:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)
-    if "enable_gqa" in _VARLEN_ARGS and q_NHD.shape[1] != k_NHD.shape[1]:
+    groups = q_NHD.shape[1] // k_NHD.shape[1]
+    if groups > 1 and "enable_gqa" in _VARLEN_ARGS:
         kw["enable_gqa"] = True
-    return varlen_attn(q_NHD, k_NHD, v_NHD, seg.cu_device, seg.cu_device, seg.max_len, seg.max_len, **kw)
+    elif groups > 1 and not _native_gqa[0]:
+        k_NHD, v_NHD = (x.repeat_interleave(groups, dim=1) for x in (k_NHD, v_NHD))
+    try:
+        return varlen_attn(q_NHD, k_NHD, v_NHD, seg.cu_device, seg.cu_device, seg.max_len, seg.max_len, **kw)
+    except (ValueError, RuntimeError):
+        if groups == 1 or "enable_gqa" in _VARLEN_ARGS or not _native_gqa[0]:
+            raise
+        _native_gqa[0] = False  # the kernel takes grouped heads; only an API check can refuse them: repeat them
+        return _torch_varlen(q_NHD, k_NHD, v_NHD, seg, causal)
 
 
 def segment_attention(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, seg: Segments, causal: bool,
                       impl: str) -> torch.Tensor:
     """Attention restricted to segments [cu[i], cu[i+1]) of the token axis. Returns [N, H, D]."""
-    if seg.cu_device is not None:
+    if seg.cu_device is not None and (impl == "flash_attention_2" or q_NHD.dtype in _VARLEN_DTYPES):
         if impl == "flash_attention_2":
             return flash_attn_varlen_func(q_NHD, k_NHD, v_NHD, seg.cu_device, seg.cu_device, seg.max_len,
                                           seg.max_len, causal=causal)
