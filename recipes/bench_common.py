@@ -235,22 +235,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_times(runs: dict[str, Callable[[], None]], steps: int, device: str, warmup: int = 1
-                      ) -> dict[str, float]:
-    """Median seconds per call of each run; runs alternate step by step after `warmup` calls each."""
+def interleaved_times(runs: dict[str, Callable[[], None]], steps: int, device: str, warmup: int = 1,
+                      cpu_times: dict[str, float] | None = None) -> dict[str, float]:
+    """Median wall seconds per call of each run; runs alternate call by call after `warmup` calls each.
+
+    `cpu_times`, when given, receives the median CPU seconds of this process (all threads) per call: on a CPU shared
+    with other jobs, wall time mostly measures the others' load, CPU time what each run costs.
+    """
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(steps):
         for name, fn in runs.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    if cpu_times is not None:
+        cpu_times.update({k: statistics.median(v) for k, v in cpu.items()})
+    return {k: statistics.median(v) for k, v in wall.items()}
 
 
 def cuda_peak(fn: Callable[[], None]) -> float:

@@ -71,22 +71,26 @@ def run(args) -> dict:
         return f
 
     n = args.new_tokens
+    cpu: dict[str, float] = {}
     t = interleaved_times({"vlft first": ours(1), "hf first": theirs(1), "vlft all": ours(n), "hf all": theirs(n)},
-                          args.reps, args.device)
+                          args.reps, args.device, cpu_times=cpu if args.device == "cpu" else None)
     sync(args.device)
     same = torch.equal(out["vlft", n], out["hf", n])
     rows = {}
     for side, name in (("vlft", "vlft generate"), ("hf", "transformers generate")):
         decode = args.batch * (n - 1) / max(t[f"{side} all"] - t[f"{side} first"], 1e-9)
-        rows[name] = {"first_token_s": t[f"{side} first"], "total_s": t[f"{side} all"], "decode_tokens_per_s": decode}
+        rows[name] = {"first_token_s": t[f"{side} first"], "total_s": t[f"{side} all"], "decode_tokens_per_s": decode,
+                      "total_cpu_s": cpu.get(f"{side} all")}
     a, b = rows["vlft generate"], rows["transformers generate"]
     print(f"{'':22s} {'first token s':>13s} {'decode tok/s':>12s} {'total s':>8s}")
     for name, r in rows.items():
         print(f"{name:22s} {r['first_token_s']:13.3f} {r['decode_tokens_per_s']:12.1f} {r['total_s']:8.3f}")
     ratios = {"first_token": a["first_token_s"] / b["first_token_s"], "total": a["total_s"] / b["total_s"],
-              "decode_rate": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+              "decode_rate": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+              "total_cpu": a["total_cpu_s"] / b["total_cpu_s"] if cpu else None}
     print(f"ratios vlft/transformers: first token {ratios['first_token']:.2f}x time, total {ratios['total']:.2f}x "
-          f"time, decoding {ratios['decode_rate']:.2f}x tokens/s; identical tokens: {same}")
+          f"time" + (f" ({ratios['total_cpu']:.2f}x CPU time)" if cpu else "")
+          + f", decoding {ratios['decode_rate']:.2f}x tokens/s; identical tokens: {same}")
     return {"shape": describe(cfg, args.preset), "batch": args.batch, "prompt_len": L, "new_tokens": n,
             "dtype": args.dtype, "device": args.device, "runs": rows, "ratios": ratios, "identical": same}
 

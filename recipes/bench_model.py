@@ -56,34 +56,39 @@ def run(args) -> dict:
     print(describe(cfg, args.preset))
     print(f"batch: {len(samples)} samples in one row, {tokens} tokens, images {[s.grid for s in samples]}; "
           f"{args.dtype} on {args.device}, sdpa, torch threads {torch.get_num_threads()}")
+    modes = {"forward": False, "forward+backward": True}
+    mem: dict[str, dict] = {what: {} for what in modes}
+    if args.device == "cpu" and not args.no_memory:  # before this process holds any model, one child at a time
+        mem = {what: {side: spawned(_cpu_peak_child, cfg.to_hf_dict(), side, args.tokens, args.dtype,
+                                    torch.get_num_threads(), backward) for side in SIDES}
+               for what, backward in modes.items()}
     ours = build_vlft(cfg, dtype, args.device).train()
     models = {"vlft": ours, "hf": hf_twin(ours, "sdpa").train()}
     batches = {side: to_device(make(cfg, samples), args.device, side == "vlft") for side, (_, make) in SIDES.items()}
     results: dict = {"shape": describe(cfg, args.preset), "tokens": tokens, "dtype": args.dtype,
                      "device": args.device, "runs": {}}
     peak = peak_flops(args.device)
-    for backward in (False, True):
-        what = "forward+backward" if backward else "forward"
+    nan = float("nan")
+    for what, backward in modes.items():
         calls = {side: make_call(models[side], batches[side], side == "vlft", backward) for side in SIDES}
-        times = interleaved_times(calls, args.reps, args.device)
-        if args.no_memory:
-            mem = {}
-        elif args.device == "cpu":
-            mem = {side: spawned(_cpu_peak_child, cfg.to_hf_dict(), side, args.tokens, args.dtype,
-                                 torch.get_num_threads(), backward) for side in SIDES}
-        else:
-            mem = {side: cuda_peak(calls[side]) for side in SIDES}
+        cpu: dict[str, float] = {}
+        times = interleaved_times(calls, args.reps, args.device, cpu_times=cpu if args.device == "cpu" else None)
+        if args.device != "cpu" and not args.no_memory:
+            mem[what] = {side: cuda_peak(calls[side]) for side in SIDES}
+        m = mem[what]
         flops = step_flops(cfg, samples, weight_grads=True) if backward else None
         print(f"{what}:")
         for side, (name, _) in SIDES.items():
-            row = {"s": times[side], "tokens_per_s": tokens / times[side], "peak_gib": mem.get(side),
-                   "time_ratio": times[side] / times["hf"],
-                   "memory_ratio": mem[side] / mem["hf"] if mem else None,
+            row = {"s": times[side], "tokens_per_s": tokens / times[side], "peak_gib": m.get(side),
+                   "time_ratio": times[side] / times["hf"], "cpu_s": cpu.get(side),
+                   "cpu_time_ratio": cpu[side] / cpu["hf"] if cpu else None,
+                   "memory_ratio": m[side] / m["hf"] if m else None,
                    "mfu": flops / times[side] / peak if peak and flops else None}
             results["runs"][f"{what}, {name}"] = row
             print(f"  {name:28s} {row['s']:8.3f} s {row['tokens_per_s']:9.0f} tokens/s  peak "
-                  f"{row['peak_gib'] if mem else float('nan'):6.2f} GiB  time {row['time_ratio']:.2f}x  memory "
-                  f"{row['memory_ratio'] or float('nan'):.2f}x" + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else ""))
+                  f"{m.get(side, nan):6.2f} GiB  time {row['time_ratio']:.2f}x  memory "
+                  f"{row['memory_ratio'] or nan:.2f}x" + (f"  CPU time {row['cpu_time_ratio']:.2f}x" if cpu else "")
+                  + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else ""))
     return results
 
 

@@ -116,7 +116,9 @@ def run(args) -> dict:
     losses = {name: initial_loss(models[side], batches[name], side == "vlft") for name, side, _ in runs}
     print("loss at the initial weights: " + "; ".join(f"{name} {v:.6f}" for name, v in losses.items()))
     steps = {name: make_step(models[side], batches[name], side == "vlft") for name, side, _ in runs}
-    times = interleaved_times(steps, args.steps, args.device, warmup=args.warmup)
+    cpu: dict[str, float] = {}
+    times = interleaved_times(steps, args.steps, args.device, warmup=args.warmup,
+                              cpu_times=cpu if args.device == "cpu" else None)
     if args.device != "cpu" and not args.no_memory:
         peaks.update({name: cuda_peak(steps[name]) for name, _, _ in runs})
     liger = _liger(hf, cfg, samples, args) if args.device.startswith("cuda") else None
@@ -124,30 +126,33 @@ def run(args) -> dict:
         name, fn = liger
         times.update(interleaved_times({name: fn}, args.steps, args.device, warmup=args.warmup))
         peaks[name] = cuda_peak(fn)
-    return _report(cfg, args, samples, times, peaks, losses)
+    return _report(cfg, args, samples, times, cpu, peaks, losses)
 
 
-def _report(cfg, args, samples, times: dict, peaks: dict, losses: dict) -> dict:
+def _report(cfg, args, samples, times: dict, cpu: dict, peaks: dict, losses: dict) -> dict:
+    """Print and return the table; ratios are vlft / transformers padding-free (on CPU also by CPU time)."""
     tokens = sum(len(s.ids) for s in samples)
     flops = step_flops(cfg, samples)
     peak = peak_flops(args.device)
-    ref_t, ref_m = times.get(REFERENCE), peaks.get(REFERENCE)
+    ref_t, ref_c, ref_m = times.get(REFERENCE), cpu.get(REFERENCE), peaks.get(REFERENCE)
     results: dict = {"shape": describe(cfg, args.preset), "tokens": tokens, "samples": len(samples),
                      "supervised": sum(sum(1 for x in s.labels[1:] if x != -100) for s in samples),
                      "dtype": args.dtype, "device": args.device, "checkpointing": args.checkpointing,
                      "initial_loss": losses, "step_flops": flops, "runs": {}}
+    nan = float("nan")
     print(f"{'':42s} {'step s':>8s} {'tokens/s':>9s} {'peak GiB':>9s} {'time x':>7s} {'memory x':>8s}"
-          + ("   MFU" if peak else ""))
+          + (f" {'CPU s':>7s} {'CPU x':>6s}" if cpu else "") + ("   MFU" if peak else ""))
     for name, t in times.items():
-        m = peaks.get(name)
-        row = {"step_s": t, "tokens_per_s": tokens / t, "peak_gib": m,
+        m, c = peaks.get(name), cpu.get(name)
+        row = {"step_s": t, "tokens_per_s": tokens / t, "peak_gib": m, "cpu_s": c,
                "time_ratio": t / ref_t if ref_t else None,
+               "cpu_time_ratio": c / ref_c if c and ref_c else None,
                "memory_ratio": m / ref_m if m is not None and ref_m else None,
                "mfu": flops / t / peak if peak else None}
         results["runs"][name] = row
-        nan = float("nan")
         print(f"{name:42s} {t:8.2f} {tokens / t:9.0f} {nan if m is None else m:9.2f} "
               f"{row['time_ratio'] or nan:7.2f} {row['memory_ratio'] or nan:8.2f}"
+              + (f" {c:7.2f} {row['cpu_time_ratio'] or nan:6.2f}" if cpu else "")
               + (f" {row['mfu']:6.1%}" if peak else ""))
     packed, padded = times.get(RUNS["vlft-packed"][0]), times.get(RUNS["hf-padded"][0])
     if packed and padded:
