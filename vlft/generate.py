@@ -90,9 +90,11 @@ def generate(
                     model.lm_head.weight.dtype, device)
     full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
     seen = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], 1)
+    # without left padding no key needs hiding: no mask at all keeps every step on the plain causal kernels
+    padded = bool((mask == 0).any())
     # prefill: logits of the last position only (never [B, L, vocab])
-    out = model(input_ids, attention_mask=mask, position_ids=position_ids.to(device), past_key_values=cache,
-                use_cache=True, logits_to_keep=1, **media)
+    out = model(input_ids, attention_mask=mask if padded else None, position_ids=position_ids.to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **media)
     logits = out.logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
@@ -107,8 +109,8 @@ def generate(
         if step == max_new_tokens - 1 or (len(eos) and bool(done.all())):
             break
         pos = (L + step + rope_deltas).expand(3, B, 1)  # cache length + delta, all rows
-        out = model(token[:, None], attention_mask=full_mask[:, :L + step + 1], position_ids=pos,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(token[:, None], attention_mask=full_mask[:, :L + step + 1] if padded else None,
+                    position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
     return seen[:, L:L + n].clone()
 

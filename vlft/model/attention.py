@@ -175,31 +175,40 @@ def segment_attention(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Ten
     return out
 
 
+def allowed_keys(key_mask_BL: torch.Tensor, Lq: int) -> torch.Tensor:
+    """[B, 1, Lq, Lk] bool: which of the Lk keys each of the last Lq queries may see (causal, and real keys only).
+
+    key_mask_BL: [B, Lk] with 1 for real keys (0 for padding). Built once per forward and shared by the layers.
+    """
+    Lk = key_mask_BL.shape[1]
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=key_mask_BL.device).tril(Lk - Lq)[None, None]
+    allowed = allowed & key_mask_BL.bool()[:, None, None, :]
+    # a query with no visible key (left padding) would give NaN; let it see everything (its output is unused)
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
 def batch_attention(
     q_BHLD: torch.Tensor,
     k_BHLD: torch.Tensor,
     v_BHLD: torch.Tensor,
-    key_mask_BL: torch.Tensor | None,
+    mask_B1LL: torch.Tensor | None,
     impl: str,
 ) -> torch.Tensor:
     """Causal attention of the last Lq positions over Lk >= Lq keys (a KV cache holds the first Lk - Lq).
 
-    key_mask_BL: None when no key may be hidden beyond causality (no padding, or right padding only, where padded
-    positions are never attended by real queries); else [B, Lk] with 1 for real keys.
+    mask_B1LL: None when no key may be hidden beyond causality (no padding, or right padding only, where padded
+    positions are never attended by real queries); else `allowed_keys(...)`.
     """
     Lq, Lk = q_BHLD.shape[2], k_BHLD.shape[2]
-    if key_mask_BL is None and (Lq == Lk or Lq == 1):
+    if mask_B1LL is None and (Lq == Lk or Lq == 1):
         if impl == "flash_attention_2":
             o = flash_attn_func(q_BHLD.transpose(1, 2), k_BHLD.transpose(1, 2), v_BHLD.transpose(1, 2), causal=Lq > 1)
             return o.transpose(1, 2)
         if impl == "eager":
             return eager_attention(q_BHLD, k_BHLD, v_BHLD, causal=Lq > 1)
         return _sdpa(q_BHLD, k_BHLD, v_BHLD, causal=Lq > 1)
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q_BHLD.device).tril(Lk - Lq)[None, None]
-    if key_mask_BL is not None:
-        allowed = allowed & key_mask_BL.bool()[:, None, None, :]
-        # a query with no visible key (left padding) would give NaN; let it see everything (its output is unused)
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
+    if mask_B1LL is None:  # a chunk of several queries after a cache, without padding
+        mask_B1LL = torch.ones(Lq, Lk, dtype=torch.bool, device=q_BHLD.device).tril(Lk - Lq)[None, None]
     if impl == "eager":
-        return eager_attention(q_BHLD, k_BHLD, v_BHLD, mask_BHLL=allowed)
-    return _sdpa(q_BHLD, k_BHLD, v_BHLD, mask=allowed)
+        return eager_attention(q_BHLD, k_BHLD, v_BHLD, mask_BHLL=mask_B1LL)
+    return _sdpa(q_BHLD, k_BHLD, v_BHLD, mask=mask_B1LL)

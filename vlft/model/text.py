@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vlft.model.attention import Segments, batch_attention, make_segments, segment_attention
+from vlft.model.attention import Segments, allowed_keys, batch_attention, make_segments, segment_attention
 from vlft.model.kv_cache import KVCache
 
 
@@ -76,7 +76,7 @@ class TextAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
-    def forward(self, x_BLD, cos, sin, impl, key_mask=None, segments: Segments | None = None,
+    def forward(self, x_BLD, cos, sin, impl, mask=None, segments: Segments | None = None,
                 cache: KVCache | None = None, layer: int = 0):
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(B, L, self.heads, self.head_dim).transpose(1, 2)
@@ -96,7 +96,7 @@ class TextAttention(nn.Module):
                 segments, causal=True, impl=impl,
             ).view(B, L, -1)
         else:
-            o = batch_attention(q, k, v, key_mask, impl).transpose(1, 2).reshape(B, L, -1)
+            o = batch_attention(q, k, v, mask, impl).transpose(1, 2).reshape(B, L, -1)
         return self.o_proj(o)
 
 
@@ -119,8 +119,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def forward(self, h, cos, sin, impl, key_mask=None, segments=None, cache=None, layer=0):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, impl, key_mask, segments, cache, layer)
+    def forward(self, h, cos, sin, impl, mask=None, segments=None, cache=None, layer=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, impl, mask, segments, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -143,18 +143,20 @@ class TextModel(nn.Module):
     def forward(self, inputs_embeds_BLD: torch.Tensor, position_ids_3BL: torch.Tensor, impl: str,
                 key_mask: torch.Tensor | None = None, cu_seqlens: list[int] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, L, D]. `cu_seqlens` (host list) isolates packed samples; `cache` receives
-        this forward's keys and values after the ones it holds."""
+        """Final-normed hidden states [B, L, D]. `key_mask` [B, cached + L] marks real keys (1) where some must be
+        hidden (left padding); `cu_seqlens` (host list) isolates packed samples; `cache` receives this forward's keys
+        and values after the ones it holds."""
         h = inputs_embeds_BLD
         cos, sin = mrope_cos_sin(position_ids_3BL, self.head_dim, self.rope_theta, self.mrope_section, h.dtype)
         segments = None if cu_seqlens is None else make_segments(cu_seqlens, impl, h.device, h.dtype)
+        mask = None if key_mask is None else allowed_keys(key_mask, h.shape[1])
         if cache is not None:
             cache.reserve(h.shape[1])
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, impl, key_mask, segments, None, i, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, impl, mask, segments, None, i, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, impl, key_mask, segments, cache, i)
+                h = layer(h, cos, sin, impl, mask, segments, cache, i)
         if cache is not None:
             cache.advance(h.shape[1])
         return self.norm(h)
