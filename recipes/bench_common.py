@@ -194,6 +194,9 @@ def padding_free_batch(cfg: ModelConfig, samples: list[Sample], seed: int = 0) -
     b = packed_batch(cfg, samples, seed)
     text = torch.cat([torch.arange(len(s.ids)) for s in samples])[None, None]
     b["position_ids"] = torch.cat([text, b["position_ids"]], 0)
+    # transformers' loss shifts over the whole row: no sample's first token may be the target of the previous sample's
+    # last one (what transformers' DataCollatorWithFlattening does too)
+    b["labels"][0, b["cu_seqlens"][:-1].long()] = -100
     del b["cu_seqlens"]
     b["use_cache"] = False
     return b

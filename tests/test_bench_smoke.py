@@ -36,14 +36,15 @@ def test_vlft_lora_targets_are_the_default_ones():
 
 def test_all_layouts_give_the_same_loss(tmp_path):
     """Packed (vlft), padding-free (transformers) and padded (both): the same samples, the same initial loss."""
-    out = bench_train.main(["--device", "cpu", "--preset", "tiny", "--layers", "0", "--vision-depth", "0",
-                            "--tokens", "900", "--no-memory", "--steps", "1", "--warmup", "0", "--json",
-                            str(tmp_path / "r.json"),
-                            "--runs", "vlft-packed,hf-padding-free,hf-padded,vlft-padded"])
-    losses = list(out["initial_loss"].values())
-    assert out["samples"] >= 2 and len(losses) == 4
-    assert max(losses) - min(losses) < 1e-5
-    assert json.loads((tmp_path / "r.json").read_text())["runs"].keys() == out["runs"].keys()
+    for supervise in ("answers", "all"):  # with "all", a sample's first token is a label too
+        out = bench_train.main(["--device", "cpu", "--preset", "tiny", "--layers", "0", "--vision-depth", "0",
+                                "--tokens", "900", "--no-memory", "--steps", "1", "--warmup", "0", "--json",
+                                str(tmp_path / "r.json"), "--supervise", supervise,
+                                "--runs", "vlft-packed,hf-padding-free,hf-padded,vlft-padded"])
+        losses = list(out["initial_loss"].values())
+        assert out["samples"] >= 2 and len(losses) == 4
+        assert max(losses) - min(losses) < 1e-5, (supervise, out["initial_loss"])
+        assert json.loads((tmp_path / "r.json").read_text())["runs"].keys() == out["runs"].keys()
 
 
 def test_gpu_check_records_results_failures_and_timeouts(tmp_path):
