@@ -15,8 +15,10 @@ Imports only torch, transformers, peft and vlft's model code: no data pipeline (
 
 from __future__ import annotations
 
+import argparse
 import gc
 import inspect
+import json
 import multiprocessing as mp
 import random
 import statistics
@@ -343,3 +345,26 @@ def step_flops(cfg: ModelConfig, samples: list[Sample], weight_grads: bool = Fal
                        (windows, v.depth - len(v.fullatt_block_indexes))):
         flops += blocks * 4 * v.hidden_size * sum((b - a) ** 2 for a, b in zip(cu[:-1], cu[1:]))
     return float(flops)
+
+
+# ============================================================================= command line
+def parser(doc: str) -> argparse.ArgumentParser:
+    """Options every benchmark takes: device, dtype, shape, JSON output."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--preset", default="3B")
+    p.add_argument("--layers", type=int, default=4, help="text layers (0: all of the preset)")
+    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (0: all of the preset)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict], argv=None) -> dict:
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    results = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results

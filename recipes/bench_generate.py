@@ -11,10 +11,10 @@ the remaining tokens, the total time, their ratios (vlft / transformers), and wh
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+import bench_common
 from bench_common import (bench_config, build_vlft, describe, hf_accepts, hf_twin, interleaved_times, make_samples,
                           sync)
 
@@ -96,27 +96,15 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--preset", default="3B")
-    p.add_argument("--layers", type=int, default=4, help="text layers (0: all of the preset)")
-    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (0: all of the preset)")
+    p = bench_common.parser(__doc__)
     p.add_argument("--batch", type=int, default=2, help="prompts per batch")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=2, help="timed repetitions (after one warm-up)")
-    p.add_argument("--json", help="also write the results to this JSON file")
     return p
 
 
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    results = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return bench_common.main(parser(), run, argv)
 
 
 if __name__ == "__main__":

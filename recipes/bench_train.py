@@ -17,10 +17,10 @@ utilisation (see bench_common.step_flops for what is counted).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+import bench_common
 from bench_common import (bench_config, build_vlft, cuda_peak, describe, hf_accepts, hf_random, hf_twin,
                           interleaved_times, make_samples, packed_batch, padded_batch, padding_free_batch, peak_flops,
                           rss_step_peak, spawned, step_flops, to_device, trainable, with_lora)
@@ -91,6 +91,10 @@ def _models(cfg, dtype, device: str, checkpointing: bool, hf_base=None):
 
 
 def run(args) -> dict:
+    args.runs = args.runs.split(",") if isinstance(args.runs, str) else args.runs
+    gpu = args.device.startswith("cuda")
+    args.steps = args.steps or (5 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     dtype = getattr(torch, args.dtype)
     cfg = bench_config(args.preset, args.layers, args.vision_depth)
     cfg.attn_implementation = "sdpa"
@@ -174,14 +178,9 @@ def _liger(hf, cfg, samples, args):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--preset", default="3B")
-    p.add_argument("--layers", type=int, default=4, help="text layers (0: all of the preset)")
-    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (0: all of the preset)")
+    p = bench_common.parser(__doc__)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per step (whole samples up to this many)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 5 on GPU, 1 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 5 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on GPU, 1 on CPU)")
     p.add_argument("--supervise", default="answers", choices=["answers", "all"],
                    help="labels on the answers only (realistic), or on every text token (the head's work is then "
@@ -190,22 +189,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="vlft-packed,hf-padding-free",
                    help=f"comma-separated, from {', '.join(RUNS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--json", help="also write the results to this JSON file")
     return p
 
 
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    args.runs = args.runs.split(",")
-    gpu = args.device.startswith("cuda")
-    args.steps = args.steps or (5 if gpu else 1)
-    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
-    results = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return bench_common.main(parser(), run, argv)
 
 
 if __name__ == "__main__":
