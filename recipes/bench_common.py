@@ -57,14 +57,13 @@ def bench_config(name: str, layers: int = 0, vision_depth: int = 0, vocab: int =
     return cfg
 
 
-def describe(cfg: ModelConfig, name: str = "") -> str:
-    t, v = cfg.text, cfg.vision
-    full = preset(name) if name else None
-    of = (lambda n, m: f"{n} of {m}") if full else (lambda n, m: str(n))
-    return (f"{name or 'custom'} shape: text {t.hidden_size} wide, {of(t.num_hidden_layers, full.text.num_hidden_layers if full else 0)} "
-            f"layers, {t.num_attention_heads} heads / {t.num_key_value_heads} kv, MLP {t.intermediate_size}, vocabulary "
+def describe(cfg: ModelConfig, name: str) -> str:
+    """One line: the shape that ran, with the preset's full depth beside the truncated one."""
+    t, v, full = cfg.text, cfg.vision, preset(name)
+    return (f"{name} shape: text {t.hidden_size} wide, {t.num_hidden_layers} of {full.text.num_hidden_layers} layers, "
+            f"{t.num_attention_heads} heads / {t.num_key_value_heads} kv, MLP {t.intermediate_size}, vocabulary "
             f"{t.vocab_size:,}, {'tied' if cfg.tie_word_embeddings else 'untied'} head; vision {v.hidden_size} wide, "
-            f"{of(v.depth, full.vision.depth if full else 0)} blocks (full attention at {v.fullatt_block_indexes})")
+            f"{v.depth} of {full.vision.depth} blocks (full attention at {v.fullatt_block_indexes})")
 
 
 # ============================================================================= models
@@ -354,15 +353,23 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--preset", default="3B")
-    p.add_argument("--layers", type=int, default=4, help="text layers (0: all of the preset)")
-    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (0: all of the preset)")
+    p.add_argument("--layers", type=int, default=None, help="text layers (0: all; default: all on GPU, 4 on CPU)")
+    p.add_argument("--vision-depth", type=int, default=None,
+                   help="vision blocks (0: all; default: all on GPU, 2 on CPU)")
     p.add_argument("--json", help="also write the results to this JSON file")
     return p
 
 
 def main(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict], argv=None) -> dict:
+    """Parse, fill the device-dependent defaults (the GPU runs the full model, the CPU a truncated one), run, and
+    write the JSON."""
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.layers = args.layers if args.layers is not None else (0 if gpu else 4)
+    args.vision_depth = args.vision_depth if args.vision_depth is not None else (0 if gpu else 2)
+    if getattr(args, "tokens", 0) is None:
+        args.tokens = 4096 if gpu else 1024
     results = run(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,7 @@
 """Inference: `vlft.generate` against transformers' `generate` on the same prompts, weights and dtype (greedy, sdpa).
 
     python recipes/bench_generate.py                       # CPU: 3B widths, 4 of 36 layers, 2 vision blocks
-    python recipes/bench_generate.py --device cuda --dtype bfloat16 --layers 0 --vision-depth 0 --batch 8
+    python recipes/bench_generate.py --device cuda --batch 8   # GPU: the whole 3B model in bf16
 
 A batch of chat prompts (text, one image, a question), left-padded, each continued by --new-tokens tokens (no stop
 token, so both produce the same number). Prints time to first token (prefill and one token), the decoding rate of

@@ -1,8 +1,8 @@
 """Model forward and forward+backward (every weight trained), vlft against transformers: same config, weights,
 samples, dtype and attention kernel family (sdpa), side by side in one process.
 
-    python recipes/bench_model.py                 # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
-    python recipes/bench_model.py --device cuda --dtype bfloat16 --layers 8 --vision-depth 8 --tokens 4096
+    python recipes/bench_model.py          # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
+    python recipes/bench_model.py --device cuda              # GPU: the whole 3B model in bf16, a 4k-token row
 
 The batch is chat samples with images and answer-only labels in one row: vlft packed (cu_seqlens) against
 transformers padding-free (packed position ids). vlft computes its loss chunk by chunk over the supervised tokens
@@ -94,7 +94,8 @@ def run(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = bench_common.parser(__doc__)
-    p.add_argument("--tokens", type=int, default=1024, help="tokens in the row (whole samples up to this many)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens in the row, whole samples up to this many (default: 4096 on GPU, 1024 on CPU)")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions (after one warm-up)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     return p

@@ -1,9 +1,9 @@
 """LoRA training step, vlft + peft against transformers + peft: same weights, LoRA settings (rank 16 on every linear
 layer of the language model), samples, dtype and attention kernel family (sdpa), side by side in one process.
 
-    python recipes/bench_train.py                 # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
-    python recipes/bench_train.py --device cuda --dtype bfloat16 --tokens 4096 --layers 0 --vision-depth 0   # full 3B
-    python recipes/bench_train.py --device cuda --dtype bfloat16 --preset 7B --tokens 4096
+    python recipes/bench_train.py          # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
+    python recipes/bench_train.py --device cuda              # GPU: the whole 3B model in bf16, 4k-token rows
+    python recipes/bench_train.py --device cuda --preset 7B --tokens 16384 --checkpointing
 
 A step is forward, backward and AdamW on chat samples (prompt, one image, question, answer; labels on the answers
 only) in three layouts: vlft's packed row (cu_seqlens), transformers' padding-free row (packed position ids, no
@@ -179,7 +179,8 @@ def _liger(hf, cfg, samples, args):
 
 def parser() -> argparse.ArgumentParser:
     p = bench_common.parser(__doc__)
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per step (whole samples up to this many)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per step, whole samples up to this many (default: 4096 on GPU, 1024 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 5 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on GPU, 1 on CPU)")
     p.add_argument("--supervise", default="answers", choices=["answers", "all"],

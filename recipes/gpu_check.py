@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FULL = ["--device", "cuda", "--dtype", "bfloat16", "--layers", "0", "--vision-depth", "0"]
+FULL = ["--device", "cuda", "--dtype", "bfloat16", "--layers", "0", "--vision-depth", "0"]  # the whole model
 TRAIN = ["recipes/bench_train.py", *FULL]
 SECTIONS = [  # (name, script and arguments, seconds)
     ("cuda_checks", ["tests/cuda_checks.py"], 75),

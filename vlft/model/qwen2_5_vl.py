@@ -234,7 +234,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             # only the supervised positions go through the head; their indices are found on the host when the
             # labels are there (a boolean mask on the device would read its count back)
             index = keep.nonzero().squeeze(1).to(device, non_blocking=True)
-            h, targets = hidden_BLD.reshape(B * L, -1).index_select(0, index), shifted[keep].to(device, non_blocking=True)
+            h = hidden_BLD.reshape(B * L, -1).index_select(0, index)
+            targets = shifted[keep].to(device, non_blocking=True)
             if type(self.lm_head) is LMHead:
                 loss_sum = self.lm_head(h, targets=targets)
             else:  # the head was wrapped (e.g. trained as a peft module): go through the module
