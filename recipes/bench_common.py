@@ -20,6 +20,7 @@ import gc
 import inspect
 import json
 import multiprocessing as mp
+import os
 import random
 import statistics
 import time
@@ -294,12 +295,26 @@ def rss_step_peak(fn: Callable[[], None]) -> float:
     return (_rss_kib("VmHWM") - before) / 2**20
 
 
+# In the memory probes, glibc hands every allocation of 128 KiB or more straight back to the system when it is freed:
+# the resident size then follows the live tensors, and a measurement does not depend on what ran before it.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def spawned(fn: Callable, *args):
     """fn(*args) in a fresh spawned process (never fork: a forked child of a process whose torch thread pool has
-    started can deadlock); fn must be a module-level function of an importable module."""
+    started can deadlock), with PROBE_ENV set; fn must be a module-level function of an importable module."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        with ctx.Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ============================================================================= model FLOPs

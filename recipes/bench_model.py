@@ -22,6 +22,7 @@ from bench_common import (bench_config, build_vlft, cuda_peak, describe, hf_rand
                           step_flops, to_device)
 
 SIDES = {"vlft": ("vlft, packed", packed_batch), "hf": ("transformers, padding-free", padding_free_batch)}
+MODES = {"forward": False, "forward+backward": True}  # what is timed, and whether it runs backward
 
 
 def make_call(model, batch: dict, vlft_side: bool, backward: bool):
@@ -37,15 +38,17 @@ def make_call(model, batch: dict, vlft_side: bool, backward: bool):
     return call
 
 
-def _cpu_peak_child(cfg_dict: dict, side: str, tokens: int, dtype: str, threads: int, backward: bool) -> float:
+def _cpu_peak_child(cfg_dict: dict, side: str, tokens: int, dtype: str, threads: int) -> dict[str, float]:
+    """In a spawned process: the peak RSS growth (GiB) of a forward, then of a forward+backward, of one side."""
     from vlft.model import ModelConfig
 
     torch.set_num_threads(threads)
     cfg = ModelConfig.from_hf_dict(cfg_dict)
     dt = getattr(torch, dtype)
-    model = build_vlft(cfg, dt, "cpu") if side == "vlft" else hf_random(cfg, dt, "cpu")
+    model = (build_vlft(cfg, dt, "cpu") if side == "vlft" else hf_random(cfg, dt, "cpu")).train()
     batch = to_device(SIDES[side][1](cfg, make_samples(cfg, tokens)), "cpu", side == "vlft")
-    return rss_step_peak(make_call(model.train(), batch, side == "vlft", backward))
+    return {what: rss_step_peak(make_call(model, batch, side == "vlft", backward))
+            for what, backward in MODES.items()}
 
 
 def run(args) -> dict:
@@ -56,12 +59,12 @@ def run(args) -> dict:
     print(describe(cfg, args.preset))
     print(f"batch: {len(samples)} samples in one row, {tokens} tokens, images {[s.grid for s in samples]}; "
           f"{args.dtype} on {args.device}, sdpa, torch threads {torch.get_num_threads()}")
-    modes = {"forward": False, "forward+backward": True}
-    mem: dict[str, dict] = {what: {} for what in modes}
+    mem: dict[str, dict] = {what: {} for what in MODES}
     if args.device == "cpu" and not args.no_memory:  # before this process holds any model, one child at a time
-        mem = {what: {side: spawned(_cpu_peak_child, cfg.to_hf_dict(), side, args.tokens, args.dtype,
-                                    torch.get_num_threads(), backward) for side in SIDES}
-               for what, backward in modes.items()}
+        for side in SIDES:
+            peaks = spawned(_cpu_peak_child, cfg.to_hf_dict(), side, args.tokens, args.dtype, torch.get_num_threads())
+            for what in MODES:
+                mem[what][side] = peaks[what]
     ours = build_vlft(cfg, dtype, args.device).train()
     models = {"vlft": ours, "hf": hf_twin(ours, "sdpa").train()}
     batches = {side: to_device(make(cfg, samples), args.device, side == "vlft") for side, (_, make) in SIDES.items()}
@@ -69,7 +72,7 @@ def run(args) -> dict:
                      "device": args.device, "runs": {}}
     peak = peak_flops(args.device)
     nan = float("nan")
-    for what, backward in modes.items():
+    for what, backward in MODES.items():
         calls = {side: make_call(models[side], batches[side], side == "vlft", backward) for side in SIDES}
         cpu: dict[str, float] = {}
         times = interleaved_times(calls, args.reps, args.device, cpu_times=cpu if args.device == "cpu" else None)
@@ -96,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p = bench_common.parser(__doc__)
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens in the row, whole samples up to this many (default: 4096 on GPU, 1024 on CPU)")
-    p.add_argument("--reps", type=int, default=2, help="timed repetitions (after one warm-up)")
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions of each (after one warm-up)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     return p
 
