@@ -134,16 +134,19 @@ def run(args) -> dict:
 
 
 def _report(cfg, args, samples, times: dict, cpu: dict, peaks: dict, losses: dict) -> dict:
-    """Print and return the table; ratios are vlft / transformers padding-free (on CPU also by CPU time)."""
+    """Print and return the table; ratios are against transformers padding-free (or the first transformers run),
+    on CPU also by CPU time."""
     tokens = sum(len(s.ids) for s in samples)
     flops = step_flops(cfg, samples)
     peak = peak_flops(args.device)
-    ref_t, ref_c, ref_m = times.get(REFERENCE), cpu.get(REFERENCE), peaks.get(REFERENCE)
+    ref = REFERENCE if REFERENCE in times else next((n for n in times if n.startswith("transformers")), None)
+    ref_t, ref_c, ref_m = times.get(ref), cpu.get(ref), peaks.get(ref)
     results: dict = {"shape": describe(cfg, args.preset), "tokens": tokens, "samples": len(samples),
                      "supervised": sum(sum(1 for x in s.labels[1:] if x != -100) for s in samples),
                      "dtype": args.dtype, "device": args.device, "checkpointing": args.checkpointing,
-                     "initial_loss": losses, "step_flops": flops, "runs": {}}
+                     "initial_loss": losses, "step_flops": flops, "ratios_against": ref, "runs": {}}
     nan = float("nan")
+    print(f"ratios (x) against {ref}")
     print(f"{'':42s} {'step s':>8s} {'tokens/s':>9s} {'peak GiB':>9s} {'time x':>7s} {'memory x':>8s}"
           + (f" {'CPU s':>7s} {'CPU x':>6s}" if cpu else "") + ("   MFU" if peak else ""))
     for name, t in times.items():
