@@ -1,160 +1,111 @@
-"""Forward + backward of vlft's Qwen2.5-VL against transformers' with the same config, weights and inputs.
+"""Model forward and forward+backward (every weight trained), vlft against transformers: same config, weights,
+samples, dtype and attention kernel family (sdpa), side by side in one process.
 
-Runs both side by side in one process (interleaved, so machine load hits both alike) and prints the ratio of median
-step times and of peak memory. On CUDA, peak memory is `torch.cuda.max_memory_allocated`; on CPU it is the peak of
-live tensor bytes allocated during the step, from the profiler's allocation events.
+    python recipes/bench_model.py          # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
+    python recipes/bench_model.py --device cuda              # GPU: the whole 3B model in bf16, a 4k-token row
 
-    python recipes/bench_model.py                       # CPU, fp32, sdpa, a small model (about 420 tokens)
-    python recipes/bench_model.py --device cuda --dtype bfloat16 --preset 3B --layers 4
+The batch is chat samples with images and answer-only labels in one row: vlft packed (cu_seqlens) against
+transformers padding-free (packed position ids). vlft computes its loss chunk by chunk over the supervised tokens
+(`return_logits=False`, what training uses); transformers builds the full logits. Prints the shape, median times,
+peak memory (CUDA allocator peak; on CPU the peak resident memory of a step in a spawned process) and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from transformers import Qwen2_5_VLConfig
-from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 
-from vlft.model import ModelConfig, TextConfig, VisionConfig, build_model, preset
-from vlft.model.weights import to_hub_key
+import bench_common
+from bench_common import (bench_config, build_vlft, cuda_peak, describe, hf_random, hf_twin, interleaved_times,
+                          make_samples, packed_batch, padding_free_batch, peak_flops, rss_step_peak, spawned,
+                          step_flops, to_device)
 
-
-def bench_config(args) -> ModelConfig:
-    if args.preset:
-        cfg = preset(args.preset)
-        if args.layers:
-            cfg.text.num_hidden_layers = args.layers
-        if args.vision_depth:
-            cfg.vision.depth = args.vision_depth
-            cfg.vision.fullatt_block_indexes = [i for i in cfg.vision.fullatt_block_indexes if i < args.vision_depth]
-        return cfg
-    return ModelConfig(
-        vision=VisionConfig(depth=8, hidden_size=320, intermediate_size=640, num_heads=4, fullatt_block_indexes=[3, 7],
-                            out_hidden_size=512),
-        text=TextConfig(vocab_size=args.vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, mrope_section=[8, 12, 12]),
-        tie_word_embeddings=False,
-    )
+SIDES = {"vlft": ("vlft, packed", packed_batch), "hf": ("transformers, padding-free", padding_free_batch)}
+MODES = {"forward": False, "forward+backward": True}  # what is timed, and whether it runs backward
 
 
-def make_inputs(cfg: ModelConfig, device, text_tokens: int, image_hw=(16, 22), video_thw=(2, 16, 16)):
-    g = torch.Generator().manual_seed(0)
-    img_n = image_hw[0] * image_hw[1] // 4
-    vid_n = video_thw[0] * video_thw[1] * video_thw[2] // 4
-    half = text_tokens // 2
-    ids = (torch.randint(0, 1000, (half,), generator=g).tolist()
-           + [cfg.vision_start_token_id] + [cfg.image_token_id] * img_n + [cfg.vision_end_token_id]
-           + torch.randint(0, 1000, (text_tokens - half,), generator=g).tolist()
-           + [cfg.vision_start_token_id] + [cfg.video_token_id] * vid_n + [cfg.vision_end_token_id])
-    ids = torch.tensor([ids])
-    width = 3 * 2 * 14 * 14
-    inp = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids),
-        pixel_values=torch.randn(4 * img_n, width, generator=g), image_grid_thw=torch.tensor([[1, *image_hw]]),
-        pixel_values_videos=torch.randn(4 * vid_n, width, generator=g), video_grid_thw=torch.tensor([list(video_thw)]),
-        second_per_grid_ts=torch.tensor([1.0]),
-    )
-    labels = ids.clone()
-    labels[(ids == cfg.image_token_id) | (ids == cfg.video_token_id)] = -100
-    inp["labels"] = labels
-    out = {k: (v.to(device) if k not in ("image_grid_thw", "video_grid_thw") else v) for k, v in inp.items()}
-    mm = torch.zeros_like(ids)
-    mm[ids == cfg.image_token_id] = 1
-    mm[ids == cfg.video_token_id] = 2
-    return out, mm.to(device)
+def make_call(model, batch: dict, vlft_side: bool, backward: bool):
+    kw = {"return_logits": False} if vlft_side else {}
+
+    def call():
+        if backward:
+            model(**batch, **kw).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(**batch, **kw)
+    return call
 
 
-def step_fn(model, inputs):
-    def run():
-        out = model(**inputs)
-        out.loss.backward()
-        model.zero_grad(set_to_none=True)
-    return run
+def _cpu_peak_child(cfg_dict: dict, side: str, tokens: int, dtype: str, threads: int) -> dict[str, float]:
+    """In a spawned process: the peak RSS growth (GiB) of a forward, then of a forward+backward, of one side."""
+    from vlft.model import ModelConfig
+
+    torch.set_num_threads(threads)
+    cfg = ModelConfig.from_hf_dict(cfg_dict)
+    dt = getattr(torch, dtype)
+    model = (build_vlft(cfg, dt, "cpu") if side == "vlft" else hf_random(cfg, dt, "cpu")).train()
+    batch = to_device(SIDES[side][1](cfg, make_samples(cfg, tokens)), "cpu", side == "vlft")
+    return {what: rss_step_peak(make_call(model, batch, side == "vlft", backward))
+            for what, backward in MODES.items()}
 
 
-def cpu_peak_bytes(fn) -> int:
-    """Peak of live tensor bytes allocated while fn runs (allocation/free events in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.profiler.function_events, key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+def run(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    cfg = bench_config(args.preset, args.layers, args.vision_depth)
+    samples = make_samples(cfg, args.tokens)
+    tokens = sum(len(s.ids) for s in samples)
+    print(describe(cfg, args.preset))
+    print(f"batch: {len(samples)} samples in one row, {tokens} tokens, images {[s.grid for s in samples]}; "
+          f"{args.dtype} on {args.device}, sdpa, torch threads {torch.get_num_threads()}")
+    mem: dict[str, dict] = {what: {} for what in MODES}
+    if args.device == "cpu" and not args.no_memory:  # before this process holds any model, one child at a time
+        for side in SIDES:
+            peaks = spawned(_cpu_peak_child, cfg.to_hf_dict(), side, args.tokens, args.dtype, torch.get_num_threads())
+            for what in MODES:
+                mem[what][side] = peaks[what]
+    ours = build_vlft(cfg, dtype, args.device).train()
+    models = {"vlft": ours, "hf": hf_twin(ours, "sdpa").train()}
+    batches = {side: to_device(make(cfg, samples), args.device, side == "vlft") for side, (_, make) in SIDES.items()}
+    results: dict = {"shape": describe(cfg, args.preset), "tokens": tokens, "dtype": args.dtype,
+                     "device": args.device, "runs": {}}
+    peak = peak_flops(args.device)
+    nan = float("nan")
+    for what, backward in MODES.items():
+        calls = {side: make_call(models[side], batches[side], side == "vlft", backward) for side in SIDES}
+        cpu: dict[str, float] = {}
+        times = interleaved_times(calls, args.reps, args.device, cpu_times=cpu if args.device == "cpu" else None)
+        if args.device != "cpu" and not args.no_memory:
+            mem[what] = {side: cuda_peak(calls[side]) for side in SIDES}
+        m = mem[what]
+        flops = step_flops(cfg, samples, weight_grads=True) if backward else None
+        print(f"{what}:")
+        for side, (name, _) in SIDES.items():
+            row = {"s": times[side], "tokens_per_s": tokens / times[side], "peak_gib": m.get(side),
+                   "time_ratio": times[side] / times["hf"], "cpu_s": cpu.get(side),
+                   "cpu_time_ratio": cpu[side] / cpu["hf"] if cpu else None,
+                   "memory_ratio": m[side] / m["hf"] if m else None,
+                   "mfu": flops / times[side] / peak if peak and flops else None}
+            results["runs"][f"{what}, {name}"] = row
+            print(f"  {name:28s} {row['s']:8.3f} s {row['tokens_per_s']:9.0f} tokens/s  peak "
+                  f"{m.get(side, nan):6.2f} GiB  time {row['time_ratio']:.2f}x  memory "
+                  f"{row['memory_ratio'] or nan:.2f}x" + (f"  CPU time {row['cpu_time_ratio']:.2f}x" if cpu else "")
+                  + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else ""))
+    return results
 
 
-def peak_bytes(fn, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return cpu_peak_bytes(fn)
+def parser() -> argparse.ArgumentParser:
+    p = bench_common.parser(__doc__)
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens in the row, whole samples up to this many (default: 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions of each (after one warm-up)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    return p
 
 
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--preset", default=None, help="3B/7B/... shapes instead of the small default")
-    p.add_argument("--layers", type=int, default=0, help="text layers (with --preset)")
-    p.add_argument("--vision-depth", type=int, default=0, help="vision blocks (with --preset)")
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--text-tokens", type=int, default=200)
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-
-    torch.manual_seed(0)
-    cfg = bench_config(args)
-    cfg.attn_implementation = args.attn
-    ours = build_model(cfg, dtype=dtype, device=device).train()
-    hf = HFModel._from_config(Qwen2_5_VLConfig(**cfg.to_hf_dict()), attn_implementation=args.attn, dtype=dtype)
-    sd = ours.state_dict()
-    hf.load_state_dict({k: sd[to_hub_key(k)] for k in hf.state_dict()})
-    hf = hf.to(device).train()
-    inputs, mm = make_inputs(cfg, device, args.text_tokens)
-    n_tokens = inputs["input_ids"].shape[1]
-
-    runs = {
-        "transformers": step_fn(hf, {**inputs, "mm_token_type_ids": mm}),
-        "vlft": step_fn(ours, inputs),
-        "vlft chunked loss": step_fn(ours, {**inputs, "return_logits": False}),
-    }
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.reps):
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
-    peaks = {name: peak_bytes(fn, device) for name, fn in runs.items()}
-
-    ref_t, ref_m = statistics.median(times["transformers"]), peaks["transformers"]
-    print(f"forward+backward, {n_tokens} tokens (image {inputs['image_grid_thw'].tolist()}, video "
-          f"{inputs['video_grid_thw'].tolist()}), {args.dtype}, {args.attn}, {device}, torch threads "
-          f"{torch.get_num_threads()}, {args.reps} reps")
-    print(f"{'':20s} {'median s':>9s} {'time ratio':>10s} {'peak MiB':>9s} {'mem ratio':>9s}")
-    for name in runs:
-        t = statistics.median(times[name])
-        print(f"{name:20s} {t:9.4f} {t / ref_t:10.2f} {peaks[name] / 2**20:9.1f} {peaks[name] / ref_m:9.2f}")
+def main(argv=None) -> dict:
+    return bench_common.main(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,189 +1,203 @@
-"""Training-step benchmark: vlft + peft against transformers + peft, same weights, LoRA settings and batch, side by
-side in one process (steps alternate, so both see the same machine load). A step is forward, backward and AdamW.
+"""LoRA training step, vlft + peft against transformers + peft: same weights, LoRA settings (rank 16 on every linear
+layer of the language model), samples, dtype and attention kernel family (sdpa), side by side in one process.
 
-    python recipes/bench_train.py                                  # CPU: 4k tokens, vocabulary 151,936, small model
-    python recipes/bench_train.py --packing                        # packed mix of lengths vs transformers' padding
-    python recipes/bench_train.py --device cuda --preset 3b --layers 8 --dtype bfloat16 --seq 8192   # 3B-shaped
+    python recipes/bench_train.py          # CPU: 3B widths and heads, 4 of 36 layers, 2 vision blocks, ~1k tokens
+    python recipes/bench_train.py --device cuda              # GPU: the whole 3B model in bf16, 4k-token rows
+    python recipes/bench_train.py --device cuda --preset 7B --tokens 16384 --checkpointing
 
-Prints step time, tokens/s and peak memory for both and the ratios (vlft / transformers). Peak memory is the CUDA
-allocator peak on GPU; on CPU each side's first steps run in a forked child and report the growth of its peak RSS.
+A step is forward, backward and AdamW on chat samples (prompt, one image, question, answer; labels on the answers
+only) in three layouts: vlft's packed row (cu_seqlens), transformers' padding-free row (packed position ids, no
+mask) and, for both, right padding. On GPU, transformers + peft + Liger Kernel (fused linear cross-entropy, RMSNorm,
+SwiGLU, RoPE) runs too when `liger-kernel` imports. Prints the shape, median step times, tokens/s and peak memory
+(CUDA allocator peak above the resident weights; on CPU the peak resident memory of a step, each run in its own
+spawned process) and the ratios against transformers + peft padding-free. On a GPU it also prints model FLOPs
+utilisation (see bench_common.step_flops for what is counted).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import random
-import resource
-import statistics
-import tempfile
-import time
 
 import torch
 
+import bench_common
+from bench_common import (bench_config, build_vlft, cuda_peak, describe, hf_accepts, hf_random, hf_twin,
+                          interleaved_times, make_samples, packed_batch, padded_batch, padding_free_batch, peak_flops,
+                          rss_step_peak, spawned, step_flops, to_device, trainable, with_lora)
 
-def _build(args):
-    from vlft.model import build_model, preset, save_pretrained
-
-    cfg = preset(args.preset)
-    if args.layers:
-        cfg.text.num_hidden_layers = args.layers
-        cfg.vision.depth = min(cfg.vision.depth, args.layers)
-        cfg.vision.fullatt_block_indexes = [i for i in cfg.vision.fullatt_block_indexes if i < cfg.vision.depth]
-    if args.hidden:
-        cfg.text.hidden_size, cfg.text.intermediate_size = args.hidden, args.hidden * 4
-        cfg.text.num_attention_heads, cfg.text.num_key_value_heads = max(2, args.hidden // 128), 2
-        cfg.text.mrope_section = [(args.hidden // cfg.text.num_attention_heads // 2) // 4] * 2
-        half = args.hidden // cfg.text.num_attention_heads // 2
-        cfg.text.mrope_section.insert(0, half - 2 * cfg.text.mrope_section[0])
-        cfg.vision.out_hidden_size = args.hidden
-    cfg.text.vocab_size = args.vocab
-    torch.manual_seed(0)
-    model = build_model(cfg, dtype=getattr(torch, args.dtype), device=args.device)
-    folder = tempfile.mkdtemp(prefix="vlft-bench-")
-    save_pretrained(model, folder)
-    return model, folder
+LAYOUTS = {"packed": packed_batch, "padding-free": padding_free_batch, "padded": padded_batch}
 
 
-def _hf_model(folder, args):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def make_step(model, batch: dict, vlft_side: bool):
+    """forward + backward + AdamW on the trainable (LoRA) weights."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    kw = {"return_logits": False} if vlft_side else {}
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, args.dtype),
-                                                              attn_implementation="sdpa").to(args.device)
-
-
-def _lora(model, regex):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=regex))
-
-
-def _batches(args, vocab):
-    """(vlft batch, transformers batch, tokens): one 4k row, or a packed row vs the same samples padded."""
-    g = torch.Generator().manual_seed(0)
-    if not args.packing:
-        ids = torch.randint(0, vocab - 1000, (1, args.seq), generator=g)
-        b = {"input_ids": ids.to(args.device), "labels": ids.to(args.device)}
-        return b, dict(b, attention_mask=torch.ones_like(b["input_ids"])), args.seq
-    rng = random.Random(0)
-    lengths, total = [], 0
-    while True:  # a realistic mix: mostly short chats, some long documents
-        n = rng.choice([rng.randint(64, 512)] * 3 + [rng.randint(512, 2048)])
-        if total + n > args.seq:
-            break
-        lengths.append(n)
-        total += n
-    samples = [torch.randint(0, vocab - 1000, (n,), generator=g) for n in lengths]
-    packed = torch.cat(samples)[None]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None, None].expand(3, 1, -1).contiguous()
-    vl = {"input_ids": packed.to(args.device), "labels": packed.to(args.device), "cu_seqlens": cu,
-          "position_ids": pos.to(args.device)}
-    L = max(lengths)
-    ids = torch.zeros(len(lengths), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, s in enumerate(samples):
-        ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
-    hf = {"input_ids": ids.to(args.device), "attention_mask": mask.to(args.device), "labels": labels.to(args.device)}
-    return vl, hf, total
+    def step():
+        out = model(**batch, **kw)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
-def _step(model, opt, batch, vlft: bool):
-    if vlft:
-        out = model(**batch, return_logits=False)
-    else:
-        out = model(**batch)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def initial_loss(model, batch: dict, vlft_side: bool) -> float:
+    with torch.no_grad():
+        return float(model(**batch, **({"return_logits": False} if vlft_side else {})).loss)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _batch(cfg, samples, layout: str, device: str, model, vlft_side: bool) -> dict:
+    b = to_device(LAYOUTS[layout](cfg, samples), device, vlft_side)
+    if not vlft_side and layout == "padded" and hf_accepts(model, "mm_token_type_ids"):
+        b["mm_token_type_ids"] = (b["input_ids"] == cfg.image_token_id).long()
+    return b
 
 
-def _cpu_peak(fn) -> float:
-    """Peak RSS growth (GiB) of running `fn` in a forked child."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        os.write(w, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before).encode())
-        os._exit(0)
-    os.close(w)
-    value = os.read(r, 64)
-    os.waitpid(pid, 0)
-    return int(value or 0) / 2**20
+def _cpu_peak_child(cfg_dict: dict, side: str, layout: str, tokens: int, dtype: str, threads: int,
+                    supervise: str) -> float:
+    """In a spawned process: build one side with LoRA, return the peak RSS growth (GiB) of its first step."""
+    from vlft.model import ModelConfig
+
+    torch.set_num_threads(threads)
+    cfg = ModelConfig.from_hf_dict(cfg_dict)
+    vlft_side = side == "vlft"
+    dt = getattr(torch, dtype)
+    base = build_vlft(cfg, dt, "cpu") if vlft_side else hf_random(cfg, dt, "cpu")
+    model = with_lora(base, vlft_side)
+    samples = make_samples(cfg, tokens, supervise=supervise)
+    step = make_step(model, _batch(cfg, samples, layout, "cpu", model, vlft_side), vlft_side)
+    return rss_step_peak(step)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256, help="text width (0: the preset's)")
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--packing", action="store_true")
-    args = p.parse_args(argv)
+RUNS = {  # key: (printed name, side, layout)
+    "vlft-packed": ("vlft + peft, packed", "vlft", "packed"),
+    "hf-padding-free": ("transformers + peft, padding-free", "hf", "padding-free"),
+    "hf-padded": ("transformers + peft, padded", "hf", "padded"),
+    "vlft-padded": ("vlft + peft, padded", "vlft", "padded"),
+}
+REFERENCE = "transformers + peft, padding-free"
 
-    from vlft.adapters import target_regex
-    from vlft.config import LoraSection
 
-    base, folder = _build(args)
-    vl = _lora(base, target_regex(LoraSection()))
-    hf = _lora(_hf_model(folder, args), r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|"
-                                         r"mlp\.(gate_proj|up_proj|down_proj))")
-    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    assert count(vl) == count(hf), (count(vl), count(hf))
-    vb, hb, tokens = _batches(args, args.vocab)
-    opts = {name: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5)
-            for name, m in (("vlft", vl), ("hf", hf))}
-    runs = {"vlft": lambda: _step(vl, opts["vlft"], vb, True), "hf": lambda: _step(hf, opts["hf"], hb, False)}
-    peak = {}
-    if args.device == "cpu":
-        for name, fn in runs.items():
-            peak[name] = _cpu_peak(lambda fn=fn: [fn() for _ in range(2)])
-    times: dict[str, list[float]] = {"vlft": [], "hf": []}
-    for name, fn in runs.items():  # warm-up
-        fn()
-    for _ in range(args.steps):
-        for name, fn in runs.items():
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                resident = torch.cuda.memory_allocated()  # both models, optimizer states: not this step's
-            _sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-            if args.device == "cuda":
-                peak[name] = max(peak.get(name, 0.0), (torch.cuda.max_memory_allocated() - resident) / 2**30)
-    t = {k: statistics.median(v) for k, v in times.items()}
-    print(f"device {args.device}  dtype {args.dtype}  layers {args.layers}  vocab {args.vocab}  tokens/step {tokens}"
-          f"  packing {args.packing}  LoRA params {count(vl):,}")
-    for name in ("vlft", "hf"):
-        print(f"  {name:<5} step {t[name] * 1000:9.1f} ms  {tokens / t[name]:10.0f} tokens/s  "
-              f"peak {peak[name]:.2f} GiB")
-    if args.device == "cuda":  # model FLOPs utilisation against the bf16 dense peak of an H100/H200 (989 TFLOP/s)
-        c = base.config.text
-        per_layer = 4 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim \
-            + 3 * c.hidden_size * c.intermediate_size
-        n = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
-        # LoRA: forward 2N and input gradients 2N per token (frozen weights get no weight gradient), plus causal
-        # attention scores and values forward and backward (one row of args.seq tokens; not counted when packing)
-        attention = 0 if args.packing else 6 * c.num_hidden_layers * c.hidden_size * tokens * args.seq / 2
-        flops = 4 * n * tokens + attention
-        for name in ("vlft", "hf"):
-            print(f"  {name:<5} model FLOPs utilisation {flops / t[name] / 989e12:.1%} (4N per token + attention)")
-    print(f"  ratios vlft/transformers: step time {t['vlft'] / t['hf']:.2f}x  tokens/s {t['hf'] / t['vlft']:.2f}x  "
-          f"peak memory {peak['vlft'] / max(peak['hf'], 1e-9):.2f}x")
+def _models(cfg, dtype, device: str, checkpointing: bool, hf_base=None):
+    """(vlft + peft, transformers + peft) on the same (shared) weights."""
+    base = build_vlft(cfg, dtype, device)
+    hf = hf_twin(base, "sdpa")
+    if checkpointing:  # activation checkpointing of every decoder layer, on both sides
+        base.set_gradient_checkpointing(True)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vl, hf = with_lora(base.train(), True), with_lora(hf.train(), False)
+    assert trainable(vl) == trainable(hf), (trainable(vl), trainable(hf))
+    return vl, hf
+
+
+def run(args) -> dict:
+    args.runs = args.runs.split(",") if isinstance(args.runs, str) else args.runs
+    gpu = args.device.startswith("cuda")
+    args.steps = args.steps or (5 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    dtype = getattr(torch, args.dtype)
+    cfg = bench_config(args.preset, args.layers, args.vision_depth)
+    cfg.attn_implementation = "sdpa"
+    samples = make_samples(cfg, args.tokens, supervise=args.supervise)
+    tokens = sum(len(s.ids) for s in samples)
+    labelled = sum(sum(1 for x in s.labels[1:] if x != -100) for s in samples)
+    runs = [RUNS[k] for k in args.runs]
+    print(describe(cfg, args.preset))
+    print(f"batch: {len(samples)} samples, {tokens} tokens ({labelled} supervised: {args.supervise}), images "
+          f"{[s.grid for s in samples]}; {args.dtype} on {args.device}, sdpa, torch threads {torch.get_num_threads()}"
+          + (", activation checkpointing" if args.checkpointing else ""))
+    peaks = {}
+    if args.device == "cpu" and not args.no_memory:  # before this process holds any model, one child at a time
+        for name, side, layout in runs:
+            peaks[name] = spawned(_cpu_peak_child, cfg.to_hf_dict(), side, layout, args.tokens, args.dtype,
+                                  torch.get_num_threads(), args.supervise)
+
+    vl, hf = _models(cfg, dtype, args.device, args.checkpointing)
+    models = {"vlft": vl, "hf": hf}
+    batches = {name: _batch(cfg, samples, layout, args.device, models[side], side == "vlft")
+               for name, side, layout in runs}
+    # before any update: the same loss from every run shows that they compute the same thing
+    losses = {name: initial_loss(models[side], batches[name], side == "vlft") for name, side, _ in runs}
+    print("loss at the initial weights: " + "; ".join(f"{name} {v:.6f}" for name, v in losses.items()))
+    steps = {name: make_step(models[side], batches[name], side == "vlft") for name, side, _ in runs}
+    cpu: dict[str, float] = {}
+    times = interleaved_times(steps, args.steps, args.device, warmup=args.warmup,
+                              cpu_times=cpu if args.device == "cpu" else None)
+    if args.device != "cpu" and not args.no_memory:
+        peaks.update({name: cuda_peak(steps[name]) for name, _, _ in runs})
+    liger = _liger(hf, cfg, samples, args) if args.device.startswith("cuda") else None
+    if liger:
+        name, fn = liger
+        times.update(interleaved_times({name: fn}, args.steps, args.device, warmup=args.warmup))
+        peaks[name] = cuda_peak(fn)
+    return _report(cfg, args, samples, times, cpu, peaks, losses)
+
+
+def _report(cfg, args, samples, times: dict, cpu: dict, peaks: dict, losses: dict) -> dict:
+    """Print and return the table; ratios are against transformers padding-free (or the first transformers run),
+    on CPU also by CPU time."""
+    tokens = sum(len(s.ids) for s in samples)
+    flops = step_flops(cfg, samples)
+    peak = peak_flops(args.device)
+    ref = REFERENCE if REFERENCE in times else next((n for n in times if n.startswith("transformers")), None)
+    ref_t, ref_c, ref_m = times.get(ref), cpu.get(ref), peaks.get(ref)
+    results: dict = {"shape": describe(cfg, args.preset), "tokens": tokens, "samples": len(samples),
+                     "supervised": sum(sum(1 for x in s.labels[1:] if x != -100) for s in samples),
+                     "dtype": args.dtype, "device": args.device, "checkpointing": args.checkpointing,
+                     "initial_loss": losses, "step_flops": flops, "ratios_against": ref, "runs": {}}
+    nan = float("nan")
+    print(f"ratios (x) against {ref}")
+    print(f"{'':42s} {'step s':>8s} {'tokens/s':>9s} {'peak GiB':>9s} {'time x':>7s} {'memory x':>8s}"
+          + (f" {'CPU s':>7s} {'CPU x':>6s}" if cpu else "") + ("   MFU" if peak else ""))
+    for name, t in times.items():
+        m, c = peaks.get(name), cpu.get(name)
+        row = {"step_s": t, "tokens_per_s": tokens / t, "peak_gib": m, "cpu_s": c,
+               "time_ratio": t / ref_t if ref_t else None,
+               "cpu_time_ratio": c / ref_c if c and ref_c else None,
+               "memory_ratio": m / ref_m if m is not None and ref_m else None,
+               "mfu": flops / t / peak if peak else None}
+        results["runs"][name] = row
+        print(f"{name:42s} {t:8.2f} {tokens / t:9.0f} {nan if m is None else m:9.2f} "
+              f"{row['time_ratio'] or nan:7.2f} {row['memory_ratio'] or nan:8.2f}"
+              + (f" {c:7.2f} {row['cpu_time_ratio'] or nan:6.2f}" if cpu else "")
+              + (f" {row['mfu']:6.1%}" if peak else ""))
+    packed, padded = times.get(RUNS["vlft-packed"][0]), times.get(RUNS["hf-padded"][0])
+    if packed and padded:
+        print(f"packing: vlft packed takes {packed / padded:.2f}x the step time of transformers padded")
+    return results
+
+
+def _liger(hf, cfg, samples, args):
+    """transformers + peft + Liger Kernel on the same model, when liger-kernel is installed (patched in place, so it
+    runs after the plain transformers runs)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available here
+        print(f"transformers + peft + Liger: not run ({type(e).__name__}: {e})")
+        return None
+    apply_liger_kernel_to_qwen2_5_vl(model=hf.get_base_model(), fused_linear_cross_entropy=True)
+    name = "transformers + peft + Liger, padding-free"
+    return name, make_step(hf, _batch(cfg, samples, "padding-free", args.device, hf, False), False)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_common.parser(__doc__)
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per step, whole samples up to this many (default: 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 5 on GPU, 2 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on GPU, 1 on CPU)")
+    p.add_argument("--supervise", default="answers", choices=["answers", "all"],
+                   help="labels on the answers only (realistic), or on every text token (the head's work is then "
+                        "the same on both sides)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the decoder layers")
+    p.add_argument("--runs", default="vlft-packed,hf-padding-free",
+                   help=f"comma-separated, from {', '.join(RUNS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    return p
+
+
+def main(argv=None) -> dict:
+    return bench_common.main(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from data_fixtures import make_video, save_image, tiny_tokenizer, write_jsonl
 
 from vlft.data import Collator, DataConfig, DatasetConfig, MixedDataset, cu_seqlens_for_rows, pack_first_fit
+from vlft.data.collator import model_inputs
 from vlft.model import get_rope_index, preset
 
 SMALL = dict(min_pixels=3136, max_pixels=3136 * 4, video_min_pixels=3136, video_max_pixels=3136 * 2,
@@ -123,8 +124,7 @@ def test_packed_and_unpacked_give_the_same_loss(samples):
     cap = sum(lengths)  # everything in one row
     packed = Collator(cfg, tok.pad_token_id, packing=True, max_length=cap)(items)
     rows = pack_first_fit(lengths, cap)
-    for b in (padded, packed):
-        b.pop("skipped"), b.pop("num_samples")
+    padded, packed = model_inputs(padded), model_inputs(packed)
     with torch.no_grad():
         lp = model(**padded).logits
         lk = model(**packed).logits

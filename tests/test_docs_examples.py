@@ -175,14 +175,15 @@ def test_positions_during_generation():
     inp = _rope_inputs(cfg, ex)
     seen = []
 
-    def fake_model(ids, position_ids=None, past_key_values=None, **_):
-        if past_key_values is not None:  # a decoding step: record the position of the token fed in
+    def fake_model(ids, position_ids=None, **_):
+        if ids.shape[1] == 1:  # a decoding step (the prefill feeds the whole prompt): record the token's position
             assert (position_ids == position_ids[0]).all()  # the same id in the three rows
             seen.append(int(position_ids[0, 0, 0]))
-        logits = torch.zeros(ids.shape[0], ids.shape[1], cfg.text.vocab_size)
-        return SimpleNamespace(logits=logits, past_key_values="cache")
+        logits = torch.zeros(ids.shape[0], 1, cfg.text.vocab_size)
+        return SimpleNamespace(logits=logits)
 
     fake_model.config = cfg
+    fake_model.lm_head = SimpleNamespace(weight=torch.zeros(1))  # generate allocates its cache in the head's dtype
     generate(fake_model, inp["input_ids"], inp["attention_mask"], pixel_values=inp["pixel_values"],
              image_grid_thw=inp["image_grid_thw"], max_new_tokens=len(ex["decode_positions"]) + 1, pad_token_id=0)
     assert seen == ex["decode_positions"]

@@ -30,3 +30,24 @@ def test_cached_decode_equals_full_recompute():
         full = model(all_ids, attention_mask=all_mask, **vis).logits
     for s in range(3):
         assert (steps[s] - full[:, ids.shape[1] + s]).abs().max() < 1e-5
+
+
+def test_generate_allocates_the_cache_once(monkeypatch):
+    """The cache is sized for prompt + new tokens up front: no step grows it (no copy, no torch.cat per token)."""
+    from vlft.generate import generate
+    from vlft.model.kv_cache import KVCache
+
+    model, _ = make_pair()
+    inp = media_inputs(model.config, [[3, ("image", (1, 8, 12)), 4], [6]], pad_side="left")
+    inp.pop("mm_token_type_ids")
+    grown = []
+    reserve = KVCache.reserve
+
+    def watch(self, n):
+        before = self.keys[0].data_ptr()
+        reserve(self, n)
+        grown.append(self.keys[0].data_ptr() != before)
+
+    monkeypatch.setattr(KVCache, "reserve", watch)
+    new = generate(model, **inp, max_new_tokens=5)
+    assert new.shape == (2, 5) and len(grown) == 5 and not any(grown)  # prefill + 4 decoding steps

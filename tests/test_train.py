@@ -49,6 +49,7 @@ def _plain_loop(cfg: dict, steps: int) -> list[float]:
 
     from vlft.config import DataConfig, build
     from vlft.data import Collator, build_datasets
+    from vlft.data.collator import model_inputs
     from vlft.model import build_model, preset
 
     torch.manual_seed(0)
@@ -66,9 +67,7 @@ def _plain_loop(cfg: dict, steps: int) -> list[float]:
     collate = Collator(model.get_base_model().config, tok.pad_token_id, max_length=data_cfg.max_length)
     losses = []
     for step in range(steps):
-        micro = [collate([train[4 * step + 2 * m], train[4 * step + 2 * m + 1]]) for m in range(2)]
-        for b in micro:
-            b.pop("skipped"), b.pop("num_samples")
+        micro = [model_inputs(collate([train[4 * step + 2 * m], train[4 * step + 2 * m + 1]])) for m in range(2)]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total = 0.0
         for b in micro:

@@ -237,7 +237,10 @@ class ModelSection:
     path: str = ""
     # Weight dtype. Training on CPU is done in float32 whatever is set here (see train.precision).
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    # Attention backend: "sdpa" (default, works everywhere), "eager" (reference), "flash_attention_2" (GPU).
+    # Attention backend. "sdpa" (default, works everywhere): torch's own kernels; on CUDA in bf16/fp16 the packed
+    # rows and the vision tower's windows and full-attention blocks run torch's FlashAttention varlen kernel (torch
+    # >= 2.10, no extra package), elsewhere scaled_dot_product_attention. "eager": the reference arithmetic.
+    # "flash_attention_2": the flash-attn package's kernels (GPU, pip install vlft[flash]).
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Activation checkpointing, separately for the language model and the vision tower.
     gradient_checkpointing: bool = False

@@ -26,6 +26,7 @@ from vlft.lora_merge import apply_adapter, load_adapter, resolve_checkpoint
 from vlft.model import get_rope_index
 from vlft.model.vision_index import merged_tokens
 from vlft.run_folder import rebuild_preset
+from vlft.model.kv_cache import KVCache
 
 
 # ============================================================================= decoding
@@ -86,24 +87,36 @@ def generate(
                  video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     position_ids, rope_deltas = get_rope_index(config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
                                                mask)
-    out = model(input_ids, attention_mask=mask, position_ids=position_ids.to(device), use_cache=True, **media)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    seen, new = input_ids, []
+    rope_deltas = rope_deltas.to(device).view(1, B, 1)
+    # everything that grows by one column per token is allocated once: the cache, the mask and the token history
+    t = config.text
+    cache = KVCache(t.num_hidden_layers, B, t.num_key_value_heads, t.head_dim, L + max_new_tokens,
+                    model.lm_head.weight.dtype, device)
+    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+    seen = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], 1)
+    # without left padding no key needs hiding: no mask at all keeps every step on the plain causal kernels
+    padded = bool((mask == 0).any())
+    # prefill: logits of the last position only (never [B, L, vocab])
+    out = model(input_ids, attention_mask=mask if padded else None, position_ids=position_ids.to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **media)
+    logits = out.logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
     for step in range(max_new_tokens):
-        token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        token = next_tokens(logits, seen[:, :L + step], do_sample, temperature, top_k, top_p, repetition_penalty,
+                            generator)
         token = torch.where(done, torch.full_like(token, pad), token)
-        new.append(token)
-        seen = torch.cat([seen, token[:, None]], 1)
+        seen[:, L + step] = token
+        n = step + 1
         if len(eos):
             done = done | torch.isin(token, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (len(eos) and bool(done.all())):
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-        pos = (L + step + rope_deltas.to(device)).view(1, B, 1).expand(3, B, 1)  # cache length + delta, all rows
-        out = model(token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return torch.stack(new, 1) if new else input_ids.new_zeros(B, 0)
+        pos = (L + step + rope_deltas).expand(3, B, 1)  # cache length + delta, all rows
+        out = model(token[:, None], attention_mask=full_mask[:, :L + step + 1] if padded else None,
+                    position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return seen[:, L:L + n].clone()
 
 
 # ============================================================================= prompts

@@ -23,9 +23,18 @@ from vlft.data.template import IGNORE_INDEX
 from vlft.loss import shifted_targets
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-# Batch keys that stay on the host: the model reads grids and packed-segment boundaries as Python numbers, and a
-# device copy would cost a device-to-host sync in the forward pass.
-HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens")
+# Batch keys that stay on the host: the model reads them there (grids, packing boundaries, the padding side, the
+# supervised positions) and copies to the device what it needs without waiting; on the device each would cost a sync.
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens", "attention_mask", "labels")
+
+
+# What the collator adds for the training loop's bookkeeping, beside the model's inputs.
+BOOKKEEPING_KEYS = ("skipped", "num_samples", "num_label_tokens", "num_tokens")
+
+
+def model_inputs(batch: dict) -> dict:
+    """A collated batch without its bookkeeping keys: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
 def concat_media(samples: list[dict]) -> dict:
@@ -39,7 +48,7 @@ def concat_media(samples: list[dict]) -> dict:
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
-    """Move a collated batch to `device`, keeping grids and segment boundaries on the host."""
+    """Move a collated batch to `device`, keeping the HOST_KEYS on the host."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
             for k, v in batch.items()}
 

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from vlft.data.collator import model_inputs
 from vlft.data.config import DataConfig, DatasetConfig
 from vlft.data.errors import TooManySkipped
 from vlft.data.formats import RecordSource
@@ -141,11 +142,9 @@ def skip_summary(seen: int, bad: int, overlength: int, examples: list[Skipped], 
 
 
 def iterate_batches(loader: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Batches from a DataLoader using `Collator`, with the skip bookkeeping removed: pops "skipped" and
-    "num_samples", updates the counter (which may raise TooManySkipped) and drops batches left empty."""
+    """The model inputs of a DataLoader's `Collator` batches: the skips are counted (which may raise
+    TooManySkipped), batches left empty are dropped, the bookkeeping keys removed."""
     for batch in loader:
-        skipped = batch.pop("skipped", [])
-        n = batch.pop("num_samples", 0)
-        counter.add(n, skipped)
-        if n:
-            yield batch
+        counter.add(batch.get("num_samples", 0), batch.get("skipped", []))
+        if batch.get("num_samples", 0):
+            yield model_inputs(batch)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from vlft.loss import chunked_cross_entropy, shifted_targets
 from vlft.model.attention import check_implementation
 from vlft.model.config import ModelConfig
+from vlft.model.kv_cache import KVCache
 from vlft.model.rope_index import get_rope_index
 from vlft.model.text import TextModel
 from vlft.model.vision import VisionTransformer
@@ -42,7 +43,7 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
-    past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    past_key_values: KVCache | None = None
     position_ids: torch.Tensor | None = None
 
     def __getitem__(self, key: str):  # dict-style access, as transformers' outputs allow
@@ -114,10 +115,14 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
     @staticmethod
     def _scatter(embeds_BLD, input_ids, token_id, feats, kind):
         mask = input_ids == token_id
-        n_tokens = int(mask.sum())
-        if n_tokens != feats.shape[0]:
-            raise ValueError(f"{kind} features and {kind} tokens do not match: tokens {n_tokens}, features "
-                             f"{feats.shape[0]} (a truncation that cut a vision block, or grids out of order?)")
+        if input_ids.device.type == "cpu":
+            n_tokens = int(mask.sum())
+            if n_tokens != feats.shape[0]:
+                raise ValueError(f"{kind} features and {kind} tokens do not match: tokens {n_tokens}, features "
+                                 f"{feats.shape[0]} (a truncation that cut a vision block, or grids out of order?)")
+        else:  # checked on the device: reading the count back would stall the host once per forward
+            torch._assert_async(mask.sum() == feats.shape[0], f"{kind} features ({feats.shape[0]}) and {kind} "
+                                "tokens do not match (a truncation that cut a vision block, or grids out of order?)")
         return embeds_BLD.masked_scatter(mask[..., None], feats.to(embeds_BLD.dtype))
 
     def _positions(self, input_ids, position_ids, attention_mask, image_grid_thw, video_grid_thw,
@@ -125,13 +130,14 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         if position_ids is None:
             if past_len:
                 raise ValueError("with a KV cache, pass position_ids (3 rows): vlft.generate computes them")
+            mask = None if attention_mask is None else attention_mask.to(input_ids.device)
             position_ids, _ = get_rope_index(self.config, input_ids, image_grid_thw, video_grid_thw,
-                                             second_per_grid_ts, attention_mask)
+                                             second_per_grid_ts, mask)
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         elif position_ids.shape[0] == 4:  # transformers' 4-row form: [text row; t; h; w]
             position_ids = position_ids[1:]
-        return position_ids.to(input_ids.device)
+        return position_ids.to(input_ids.device, non_blocking=True)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -148,22 +154,35 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         cu_seqlens: torch.Tensor | list[int] | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         return_logits: bool = True,
+        logits_to_keep: int = 0,
         run_vision_always: bool = False,
-        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        past_key_values: KVCache | None = None,
         use_cache: bool = False,
-        **unused,
+        # accepted for transformers-style callers (peft's causal-LM wrapper passes the first four; transformers'
+        # processors return mm_token_type_ids, which vlft does not need: vision tokens are found by their ids)
+        inputs_embeds: None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Logits [B, L, V] and, with labels [B, L], the causal LM loss (mean over labels != -100, or their sum
-        divided by `num_items_in_batch`).
+        """Logits [B, L, V] (the last `logits_to_keep` positions only, when it is > 0) and, with labels [B, L], the
+        causal LM loss (mean over labels != -100, or their sum divided by `num_items_in_batch`).
 
         Packed rows: `cu_seqlens` (0, ..., B*L) are segment boundaries over the flattened B*L tokens; each segment
         attends only to itself and predictions never cross a boundary. `attention_mask` is then ignored.
+        Host tensors for `cu_seqlens`, `attention_mask` and `labels` keep the forward free of device reads (the
+        model moves what it needs); the grids are read on the host in any case.
         """
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise ValueError("vlft's model takes input_ids (no inputs_embeds) and returns no attentions or hidden "
+                             "states (output_attentions / output_hidden_states must be unset)")
         B, L = input_ids.shape
+        device = input_ids.device
         impl = self.config.attn_implementation
         embeds = self.model.embed_tokens(input_ids)
         img, vid, dummy = self._vision_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                                run_vision_always, input_ids.device)
+                                                run_vision_always, device)
         if img is not None:
             embeds = self._scatter(embeds, input_ids, self.config.image_token_id, img, "Image")
         if vid is not None:
@@ -171,7 +190,11 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         if dummy is not None:
             embeds = embeds + dummy.to(embeds.dtype)
 
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        cache = past_key_values
+        if cache is None and use_cache:
+            t = self.config.text
+            cache = KVCache(t.num_hidden_layers, B, t.num_key_value_heads, t.head_dim, L, embeds.dtype, device)
+        past_len = cache.length if cache is not None else 0
         position_ids = self._positions(input_ids, position_ids, None if cu_seqlens is not None else attention_mask,
                                        image_grid_thw, video_grid_thw, second_per_grid_ts, past_len)
         cu = None
@@ -182,14 +205,15 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         key_mask = None
         if cu is None and attention_mask is not None:
             m = attention_mask.bool()
+            # right padding alone needs no key mask (causality already hides the padded keys from real queries)
             right_padded_only = past_len == 0 and bool((m[:, 1:] <= m[:, :-1]).all())
             if not right_padded_only:
-                key_mask = m  # left padding or a cache: hide padded keys explicitly
-        hidden, presents = self.model(embeds, position_ids, impl, key_mask, cu, past_key_values, use_cache)
+                key_mask = m.to(device, non_blocking=True)  # left padding or a cache: hide padded keys explicitly
+        hidden = self.model(embeds, position_ids, impl, key_mask, cu, cache)
 
-        out = ModelOutput(past_key_values=presents, position_ids=position_ids)
+        out = ModelOutput(past_key_values=cache if use_cache else None, position_ids=position_ids)
         if return_logits or labels is None:
-            out.logits = self.lm_head(hidden)
+            out.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
         if labels is not None:
             self._loss(out, hidden, labels, cu, num_items_in_batch)
         return out
@@ -198,15 +222,21 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         B, L = labels_BL.shape
         shifted = shifted_targets(labels_BL, cu)
         keep = shifted != -100
-        n = keep.sum()
-        if out.logits is not None:
-            loss_sum = F.cross_entropy(out.logits.reshape(B * L, -1).float(), shifted, ignore_index=-100,
-                                       reduction="sum")
-        elif type(self.lm_head) is LMHead:
-            loss_sum = self.lm_head(hidden_BLD.reshape(B * L, -1)[keep], targets=shifted[keep])
-        else:  # the head was wrapped (e.g. trained as a peft module): go through the module
-            logits = self.lm_head(hidden_BLD.reshape(B * L, -1)[keep]).float()
-            loss_sum = F.cross_entropy(logits, shifted[keep], reduction="sum")
+        n = keep.sum()  # where the labels are: on the host, reading it never waits for the device
+        device = hidden_BLD.device
+        if out.logits is not None and out.logits.shape[1] == L:
+            loss_sum = F.cross_entropy(out.logits.reshape(B * L, -1).float(), shifted.to(device, non_blocking=True),
+                                       ignore_index=-100, reduction="sum")
+        else:
+            # only the supervised positions go through the head; their indices are found on the host when the
+            # labels are there (a boolean mask on the device would read its count back)
+            index = keep.nonzero().squeeze(1).to(device, non_blocking=True)
+            h = hidden_BLD.reshape(B * L, -1).index_select(0, index)
+            targets = shifted[keep].to(device, non_blocking=True)
+            if type(self.lm_head) is LMHead:
+                loss_sum = self.lm_head(h, targets=targets)
+            else:  # the head was wrapped (e.g. trained as a peft module): go through the module
+                loss_sum = F.cross_entropy(self.lm_head(h).float(), targets, reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
         out.loss_sum, out.num_label_tokens = loss_sum, n
         out.loss = loss_sum / denom

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vlft.model.attention import batch_attention, segment_attention
+from vlft.model.attention import Segments, allowed_keys, batch_attention, make_segments, segment_attention
+from vlft.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +78,8 @@ class TextAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
-    def forward(self, x_BLD, cos, sin, impl, key_mask=None, cu_seqlens=None, cu_seqlens_dev=None, past=None):
+    def forward(self, x_BLD, cos, sin, impl, mask=None, segments: Segments | None = None,
+                cache: KVCache | None = None, layer: int = 0):
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BLD).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -85,21 +87,19 @@ class TextAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        present = (k, v)
-        if cu_seqlens is not None:
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if segments is not None:
             # packed rows: segments over the flattened B*L token stream, causal inside each
             o = segment_attention(
                 q.transpose(1, 2).reshape(B * L, self.heads, self.head_dim),
                 k.transpose(1, 2).reshape(B * L, self.kv_heads, self.head_dim),
                 v.transpose(1, 2).reshape(B * L, self.kv_heads, self.head_dim),
-                cu_seqlens, causal=True, impl=impl, cu_seqlens_dev=cu_seqlens_dev,
+                segments, causal=True, impl=impl,
             ).view(B, L, -1)
         else:
-            o = batch_attention(q, k, v, key_mask, impl).transpose(1, 2).reshape(B, L, -1)
-        return self.o_proj(o), present
+            o = batch_attention(q, k, v, mask, impl).transpose(1, 2).reshape(B, L, -1)
+        return self.o_proj(o)
 
 
 class TextMLP(nn.Module):
@@ -121,11 +121,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def forward(self, h, cos, sin, impl, key_mask=None, cu_seqlens=None, cu_seqlens_dev=None, past=None):
-        a, present = self.self_attn(self.input_layernorm(h), cos, sin, impl, key_mask, cu_seqlens, cu_seqlens_dev, past)
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, present
+    def forward(self, h, cos, sin, impl, mask=None, segments=None, cache=None, layer=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, impl, mask, segments, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class TextModel(nn.Module):
@@ -144,22 +142,23 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(hidden, eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds_BLD, position_ids_3BL, impl, key_mask=None, cu_seqlens=None,
-                past_key_values=None, use_cache=False):
-        """Returns (final-normed hidden [B, L, D], new cache list or None)."""
+    def forward(self, inputs_embeds_BLD: torch.Tensor, position_ids_3BL: torch.Tensor, impl: str,
+                key_mask: torch.Tensor | None = None, cu_seqlens: list[int] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, L, D]. `key_mask` [B, cached + L] marks real keys (1) where some must be
+        hidden (left padding); `cu_seqlens` (host list) isolates packed samples; `cache` receives this forward's keys
+        and values after the ones it holds."""
         h = inputs_embeds_BLD
         cos, sin = mrope_cos_sin(position_ids_3BL, self.head_dim, self.rope_theta, self.mrope_section, h.dtype)
-        cu_dev = None
-        if cu_seqlens is not None and impl == "flash_attention_2":
-            cu_dev = torch.tensor(cu_seqlens, dtype=torch.int32, device=h.device)
-        presents = [] if use_cache else None
+        segments = None if cu_seqlens is None else make_segments(cu_seqlens, impl, h.device, h.dtype)
+        mask = None if key_mask is None else allowed_keys(key_mask, h.shape[1])
+        if cache is not None:
+            cache.reserve(h.shape[1])
         for i, layer in enumerate(self.layers):
-            past = past_key_values[i] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training and not use_cache:
-                h, present = checkpoint(layer, h, cos, sin, impl, key_mask, cu_seqlens, cu_dev, past,
-                                        use_reentrant=False)
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, cos, sin, impl, mask, segments, None, i, use_reentrant=False)
             else:
-                h, present = layer(h, cos, sin, impl, key_mask, cu_seqlens, cu_dev, past)
-            if use_cache:
-                presents.append(present)
-        return self.norm(h), presents
+                h = layer(h, cos, sin, impl, mask, segments, cache, i)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        return self.norm(h)

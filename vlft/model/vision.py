@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vlft.model.attention import segment_attention
+from vlft.model.attention import Segments, make_segments, segment_attention
 from vlft.model.text import RMSNorm, rope_inv_freq, rotate_half
 from vlft.model.vision_index import full_cu_seqlens, rotary_pos_ids, window_index
 
@@ -41,13 +41,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x_ND, cos_N1D, sin_N1D, cu_seqlens, impl, cu_dev=None):
+    def forward(self, x_ND, cos_N1D, sin_N1D, segments: Segments, impl: str):
         N = x_ND.shape[0]
         q, k, v = self.qkv(x_ND).view(N, 3, self.heads, self.head_dim).unbind(1)
         # rotary in float32, then back to the activation dtype (docs/numerics.md#dtype-flow)
         q = (q.float() * cos_N1D + rotate_half(q.float()) * sin_N1D).to(x_ND.dtype)
         k = (k.float() * cos_N1D + rotate_half(k.float()) * sin_N1D).to(x_ND.dtype)
-        o = segment_attention(q, k, v, cu_seqlens, causal=False, impl=impl, cu_seqlens_dev=cu_dev)
+        o = segment_attention(q, k, v, segments, causal=False, impl=impl)
         return self.proj(o.reshape(N, -1))
 
 
@@ -70,8 +70,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, heads)
         self.mlp = VisionMLP(dim, inter)
 
-    def forward(self, x, cos, sin, cu_seqlens, impl, cu_dev=None):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, impl, cu_dev)
+    def forward(self, x, cos, sin, segments, impl):
+        x = x + self.attn(self.norm1(x), cos, sin, segments, impl)
         return x + self.mlp(self.norm2(x))
 
 
@@ -127,17 +127,16 @@ class VisionTransformer(nn.Module):
         angles = angles.view(N // unit, unit, -1)[win_idx].view(N, -1)
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-        cu_full = full_cu_seqlens(grids)
-        cu_dev = {}
-        if impl == "flash_attention_2":
-            cu_dev = {id(c): torch.tensor(c, dtype=torch.int32, device=device) for c in (cu_full, cu_window)}
+        # boundaries of the windows and of the full-attention segments, shared by all blocks of this forward
+        full = make_segments(full_cu_seqlens(grids), impl, device, x.dtype)
+        windows = make_segments(cu_window, impl, device, x.dtype)
 
         for i, block in enumerate(self.blocks):
-            cu = cu_full if i in self.fullatt else cu_window
+            segments = full if i in self.fullatt else windows
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, cu, impl, cu_dev.get(id(cu)), use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, segments, impl, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cu, impl, cu_dev.get(id(cu)))
+                x = block(x, cos, sin, segments, impl)
         y = self.merger(x)
         # undo the window order: row i of y is merged cell win_idx[i]
         out = torch.empty_like(y)
