@@ -166,7 +166,8 @@ def experiment(model: Path, data: dict[str, str], out: Path, args: argparse.Name
                  "video_total_pixels": 100352, "video_min_frames": 4, "video_max_frames": 8,
                  "max_length": args.max_length, "packing": packing, "num_workers": 0},
         "optim": {"lr": 1e-4, "warmup_steps": 0},
-        "train": {"output_dir": str(out), "max_steps": args.steps, "micro_batch_size": args.micro_batch,
+        "train": {"output_dir": str(out), "max_steps": args.steps,
+                  "micro_batch_size": args.packed_rows if packing else args.micro_batch,
                   "gradient_accumulation": 1, "precision": "fp32", "seed": 0},
         "checkpoint": {"every": 0, "keep_last": 1},
         "logging": {"progress_bar": False, "console": False, "jsonl": True},
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="decoder layers (vision blocks: the same, at most 2)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch and rank")
+    p.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch and rank without packing")
+    p.add_argument("--packed-rows", type=int, default=1,
+                   help="rows of max_length tokens per micro-batch and rank with packing (a row holds many samples)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     p.add_argument("--packing", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -208,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.setups:
         for packing in args.packing:
-            out = root / f"{name}-packing-{packing}"
+            out = root / f"{name}-packing-{packing}"  # the run's own folder: the config goes beside it
             out.mkdir(parents=True, exist_ok=True)
-            cfg = out / "experiment.yaml"
+            cfg = root / f"{name}-packing-{packing}.yaml"
             cfg.write_text(yaml.safe_dump(experiment(root / "model", data, out, args, packing == "on")))
             proc = launch(SETUPS[name], out, [str(cfg)])
             if proc.returncode != 0:
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
           f"vision block(s): {params / 1e6:.0f}M parameters, {gib:.2f} GiB in float32; 2 CPU processes (gloo), "
           f"LoRA r=16 on the language model")
     print(f"data: {args.samples} samples (60% short chats, 10% long documents, 20% images, 10% videos), "
-          f"max_length {args.max_length}, micro-batch {args.micro_batch} per rank, {args.steps} steps\n")
+          f"max_length {args.max_length}, micro-batch per rank: {args.micro_batch} padded samples or "
+          f"{args.packed_rows} packed row(s), {args.steps} steps\n")
     print("| setup | packing | loading peak per rank | training peak per rank | step time | tokens/s | samples/s |")
     print("|---|---|---|---|---|---|---|")
     for name, packing, r in rows:
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['train_gib']:.2f} GiB ({r['train_gib'] / gib:.2f}x) | {r['step_s']:.1f} s | {r['tokens_s']:.0f} | "
               f"{r['samples_s']:.2f} |")
     print("\nmemory: growth of a rank's resident set over its value just before loading (x: model bytes); tokens/s: "
-          "all ranks' tokens per step time (padded rows count real tokens, packed rows their whole length)")
+          "all ranks' real tokens (no padding) per step time")
     return 0
 
 

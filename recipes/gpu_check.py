@@ -11,7 +11,10 @@ timeout is recorded and the next section runs; the whole stays inside --budget s
 3. Inference: vlft generate against transformers generate, 3B full depth.
 4. Model forward and forward+backward (every weight trained), 3B full depth, 4k tokens.
 5. Peak memory and speed at 16k tokens (activation checkpointing on both sides), 3B and 7B.
-Needs only torch (CUDA), transformers, peft and safetensors: no data pipeline, DeepSpeed, flash-attn or pytest.
+6. QLoRA (recipes/gpu_qlora_check.py): vlft's 4-bit layers on CUDA, and a 7B-shaped QLoRA step's memory (target
+   12 GB) and tokens/s beside a bf16 base; only where bitsandbytes imports, and only with the budget left.
+Needs only torch (CUDA), transformers, peft and safetensors (and bitsandbytes for section 6): no data pipeline,
+DeepSpeed, flash-attn or pytest.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ SECTIONS = [  # (name, script and arguments, seconds)
                        "--warmup", "1"], 60),
     ("memory_7B_16k", [*TRAIN, "--preset", "7B", "--tokens", "16384", "--checkpointing", "--steps", "2",
                        "--warmup", "1"], 75),
+    # last, and only where bitsandbytes imports (carried as a wheel: recipes/gpu_check.sh installs it from .whl/)
+    ("qlora_7B_4k", ["recipes/gpu_qlora_check.py"], 150),
 ]
 
 
@@ -53,7 +58,7 @@ def environment() -> dict:
         env.update(json.loads(out.stdout.strip().splitlines()[-1]))
     except Exception as e:  # noqa: BLE001 - recorded
         env["probe_error"] = f"{type(e).__name__}: {e}"
-    for module in ("liger_kernel", "flash_attn"):
+    for module in ("liger_kernel", "flash_attn", "bitsandbytes"):
         env[module] = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                                      cwd=ROOT).returncode == 0
     return env
@@ -96,6 +101,9 @@ def main(argv=None) -> int:
     start = time.time()
     report = {"environment": environment(), "sections": {}}
     wanted = [s for s in SECTIONS if not args.only or s[0] in args.only.split(",")]
+    if not report["environment"].get("bitsandbytes"):
+        wanted = [s for s in wanted if s[0] != "qlora_7B_4k"]
+        report["sections"]["qlora_7B_4k"] = {"ok": None, "rc": "not run: bitsandbytes does not import here"}
     for name, section_argv, seconds in wanted:
         left = args.budget - (time.time() - start)
         if left < 20:
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
     report["total_s"] = round(time.time() - start, 1)
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out_dir / 'gpu_check.json'} in {report['total_s']} s")
-    return 0 if all(s.get("ok") for s in report["sections"].values()) else 1
+    return 0 if all(s.get("ok") is not False for s in report["sections"].values()) else 1
 
 
 if __name__ == "__main__":

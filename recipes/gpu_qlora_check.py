@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-tokens", type=int, default=1008)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default="gpu_out")
+    p.add_argument("--json", help="write the report here instead of OUT/qlora.json (recipes/gpu_check.py does)")
     args = p.parse_args(argv)
     bnb = import_bitsandbytes()
     report = {"torch": torch.__version__, "bitsandbytes": bnb.__version__,
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     report["qlora"]["within_target"] = args.device != "cuda" or q["peak_gib"] <= TARGET_GIB
     report["ratios"] = {"peak_memory_qlora_over_bf16": q["peak_gib"] / max(f["peak_gib"], 1e-9),
                         "tokens_per_s_qlora_over_bf16": q["tokens_per_s"] / f["tokens_per_s"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qlora.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = Path(args.json) if args.json else Path(args.out) / "qlora.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"QLoRA {args.preset}: peak {q['peak_gib']:.2f} GiB (target {TARGET_GIB}), {q['tokens_per_s']:.0f} tokens/s; "
           f"bf16 LoRA: peak {f['peak_gib']:.2f} GiB, {f['tokens_per_s']:.0f} tokens/s")
     return 0 if report["layers"]["ok"] and report["qlora"]["within_target"] else 1
