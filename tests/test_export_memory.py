@@ -1,5 +1,8 @@
 """The merge streams: exporting a base split into several shards needs at most 1.5x the largest shard plus the
-adapter of host memory, measured as the peak resident set of a fresh process (Linux /proc)."""
+adapter of host memory, measured in a fresh process as the peak of its anonymous resident memory (Linux /proc:
+RssAnon, sampled during the merge). File-backed pages are left out on purpose: the shards are read through a file
+mapping, whose pages are page cache the kernel reclaims, and how many pages of torch's own libraries a process maps
+depends on the page cache of the machine (a fresh virtual environment measured 16 MB more than a warm one)."""
 
 import json
 import subprocess
@@ -16,21 +19,31 @@ from vlft.adapters import lora_config
 from vlft.model import build_model, preset, save_pretrained
 
 MEASURE = textwrap.dedent("""
-    import json, sys
+    import json, sys, threading, time
     from pathlib import Path
     from vlft.export import load_adapter, merge_into
 
-    def status(field):
+    def anon():
         for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
 
     base, ckpt, out = map(Path, sys.argv[1:])
-    adapter = load_adapter(ckpt)  # imports done and adapter loaded before the peak is reset
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set to the current one
-    before = status("VmRSS")
+    adapter = load_adapter(ckpt)  # imports done and adapter loaded before measuring
+    peak, done = {"anon": 0}, threading.Event()
+
+    def sample():  # a merged tensor lives for milliseconds: sampled every 0.2 ms, its memory is seen
+        while not done.is_set():
+            peak["anon"] = max(peak["anon"], anon())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample)
+    before = anon()
+    thread.start()
     merge_into(base, adapter, out, None)
-    print(json.dumps({"peak_extra": status("VmHWM") - before, "adapter": adapter.nbytes()}))
+    done.set()
+    thread.join()
+    print(json.dumps({"peak_extra": peak["anon"] - before, "adapter": adapter.nbytes()}))
 """)
 
 
