@@ -19,6 +19,7 @@ training code (no accelerate, DeepSpeed or peft).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -400,24 +402,32 @@ def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], 
 
 
 # ============================================================================= commands
+@contextlib.contextmanager
+def working_folders(out: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """(the scratch folder of a rebuilt preset base, a list the caller adds its temporary output to): after stale
+    folders of killed exports to `out` are cleaned, all of these are removed when the export ends, however it ends."""
+    clean_stale(out)
+    scratch = work_folder(out.absolute(), "base")  # created only for a preset base
+    made = [scratch]
+    try:
+        yield scratch, made
+    finally:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: str | None = None,
                   overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    clean_stale(Path(out))
-    scratch = work_folder(Path(out).absolute(), "base")  # created only for a preset base
-    tmp = None
-    try:
+    with working_folders(Path(out)) as (scratch, made):
         base_dir = resolve_base(base, adapter.folder, scratch)
         out_dtype = DTYPES[dtype] if dtype else None
         tmp = prepare_out(Path(out), overwrite, [base_dir, adapter.folder])
+        made.append(tmp)
         counts = merge_into(base_dir, adapter, tmp, out_dtype)
         write_configs(base_dir, tmp, out_dtype)
         got = copy_extras([adapter.folder, base_dir], tmp, TOKENIZER_FILES + PROCESSOR_FILES)
         finish_out(tmp, Path(out))
-    finally:
-        for folder in (tmp, scratch):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
     shown_base = "the rebuilt preset base" if base_dir == scratch else base_dir  # the scratch copy is gone by now
     print(f"merged {counts['lora']} LoRA and {counts['dora']} DoRA modules and {counts['full']} fully trained "
           f"tensors of {adapter.folder} into {shown_base} -> {out}")
@@ -429,15 +439,13 @@ def export_merged(adapter_path: str, out: str, base: str | None = None, dtype: s
 def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vllm: bool = False,
                    overwrite: bool = False) -> Path:
     adapter = load_adapter(adapter_path)
-    clean_stale(Path(out))
-    scratch = work_folder(Path(out).absolute(), "base")  # created only for a preset base
-    tmp = None
-    try:
+    with working_folders(Path(out)) as (scratch, made):
         base_dir = resolve_base(base, adapter.folder, scratch) if (base or for_vllm) else None
         if base_dir is not None:
             check_fits(adapter, base_shapes(base_dir)[1], base_dir)
         inputs = [adapter.folder] + ([base_dir] if base_dir else [])
         tmp = prepare_out(Path(out), overwrite, inputs)
+        made.append(tmp)
         if for_vllm:
             lines = _export_for_vllm(adapter, base_dir, tmp, Path(out))
         else:
@@ -446,10 +454,6 @@ def export_adapter(adapter_path: str, out: str, base: str | None = None, for_vll
             lines = [f"wrote a PEFT adapter for transformers ({len(adapter.lora)} LoRA modules, "
                      f"{len(adapter.full)} fully trained tensors) -> {out}"]
         finish_out(tmp, Path(out))
-    finally:
-        for folder in (tmp, scratch):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
     print("\n".join(lines))
     return Path(out)
 
