@@ -1,12 +1,12 @@
 """LoRA supervised fine-tuning of Qwen2.5-VL: one recipe for 1 process, N GPUs and N nodes.
 
-    accelerate launch --config_file launch/accelerate/<setup>.yaml recipes/sft.py CONFIG [section.key=value ...]
+    bash launch/run.sh --config_file launch/accelerate/<setup>.yaml recipes/sft.py CONFIG [section.key=value ...]
     vlft train CONFIG [section.key=value ...]           (same recipe, one process)
 
-`run(cfg)` reads top to bottom: build everything (`build`), resume (`resume`), then the loop, in which each optimizer
-step is one window of micro-batches (`next_window`) run forward and backward (`forward_backward`) and then applied or
-dropped (`finish_step`), with evaluation (`evaluate`) and checkpoints (`save`) between steps. Tests call these
-functions one by one.
+(launch/run.sh is `accelerate launch` made safe for a scheduler's SIGTERM.) `run(cfg)` reads top to bottom: build
+everything (`build`), resume (`resume`), then the loop, in which each optimizer step is one window of micro-batches
+(`DataStream.window`) run forward and backward (`forward_backward`) and then applied or dropped (`finish_step`), with
+evaluation (`evaluate`) and checkpoints (`save`) between steps. Tests call these functions one by one.
 
 One all-reduce per step carries all of a step's bookkeeping (`vlft.distributed.reduce_sum`): the supervised-token
 count of the next window (the loss normalisation needs it before its backward), and the loss sum, NaN flag and stop
