@@ -1,16 +1,20 @@
-"""`vlft demo [--out DIR] [--quick]`: the main job out of the box, on a CPU, with nothing downloaded.
+"""`vlft demo [--out DIR] [--quick] [--seed S]`: the main job out of the box, on a CPU, with nothing downloaded.
 
-Reads in the order it runs:
-  1. write the task (vlft/demo/task.py): PNG pictures and mp4 videos, train and held-out splits, messages jsonl
-  2. make the base model: a tiny random Qwen2.5-VL and a tiny tokenizer with Qwen's special tokens, saved as an HF folder
-  3. evaluate the base model on the held-out split (exact match of greedy answers, per question kind)
-  4. `vlft train configs/demo.yaml ...` (LoRA on language and vision, merger and final norm trained fully)
+A user fine-tunes a Qwen2.5-VL that already sees. The demo does the same at a size a CPU trains in minutes, in two
+stages, and reads in the order it runs:
+  1. write the task (vlft/demo/task.py): PNG pictures and mp4 clips, captioned for stage 1, with questions for
+     stage 2, and a held-out split
+  2. stage 1, the base model (vlft/demo/pretrain.py): a tiny Qwen2.5-VL trained in full to describe pictures and
+     clips ("a red square", "a square moving left"), saved as an HF folder with a tiny tokenizer
+  3. evaluate the base on the held-out split: its captions, and its answers to the questions (exact match of greedy
+     answers per question kind; it describes, it does not answer yet)
+  4. stage 2: `vlft train configs/demo.yaml ...` (LoRA on the language model of the base) on the question task
   5. evaluate the trained checkpoint, and again with every video frame replaced by the first (time kinds)
   6. `vlft export merged`, reload the export with transformers and answer the same questions
   7. summary table, summary.json and loss_curve.png in the output folder
 
-Every step goes through the commands and functions a user gets: vlft.data for media and prompts, recipes/sft.py for
-training, vlft.export for the merge, vlft.generate for decoding.
+Stage 2 and everything after it go through the commands and functions a user gets: vlft.data for media and prompts,
+recipes/sft.py for training, vlft.export for the merge, vlft.generate for decoding.
 """
 
 from __future__ import annotations
@@ -28,14 +32,14 @@ from typing import Any
 import torch
 
 from vlft.demo import task
+from vlft.demo.pretrain import BaseTraining, make_base
+from vlft.demo.report import plot_losses, table, verdict
+from vlft.demo.score import CAPTION_TOKENS, accuracy, answer, prompts, read_records
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
-EVAL_BATCH = 32
-MAX_NEW_TOKENS = 4  # an answer is one word token and <|im_end|>; more would only show a model that rambles
-
-# The demo's learning targets (checked and reported, see `verdict`).
-PICTURE_TARGET, TIME_TARGET, FROZEN_DROP, FROZEN_CEILING = 90.0, 80.0, 40.0, 50.0
+QUICK_STEPS, QUICK_HELDOUT, HELDOUT = 8, 32, 400
+DEMO_MARKER = ".vlft-demo"
 
 
 # ---------------------------------------------------------------------------------------------------- 1. task
@@ -51,111 +55,25 @@ def check_sizes(data_cfg) -> None:
                          + ", ".join(f"data.{k} is {v}, expected {want[k]}" for k, v in wrong.items()))
 
 
-# ---------------------------------------------------------------------------------------------------- 2. base model
-def make_base(folder: Path, seed: int, data_cfg) -> None:
-    """A random tiny Qwen2.5-VL (preset "tiny": text 128 wide, vision 64 wide, 320-token vocabulary) with the tiny
-    tokenizer, whose task words are single tokens, and the processor files of the demo's pixel limits."""
-    from vlft.checkpoint import write_inference_files
-    from vlft.data.tiny_tokenizer import build_tiny_tokenizer
-    from vlft.model import build_model, preset, save_pretrained
-
-    tokenizer = build_tiny_tokenizer(folder, task.vocabulary())
-    config = preset("tiny")
-    if len(tokenizer) > config.text.vocab_size:
-        raise ValueError(f"the tiny tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
-                         f"{config.text.vocab_size}")
-    torch.manual_seed(seed)
-    model = build_model(config)
-    save_pretrained(model, folder)
-    write_inference_files(folder, tokenizer, data_cfg, config, str(folder))
-
-
-# ---------------------------------------------------------------------------------------------------- 3/5. evaluation
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def prompts(records: list[dict], root: Path, tokenizer, limits, tokens_per_second: float) -> list[dict]:
-    """The user turn of each record as a prompt ready for vlft.generate.left_pad (the training template)."""
-    from vlft.data import MediaResolver, to_messages
-    from vlft.generate import encode_prompt
-
-    resolve = MediaResolver(root)
-    out = []
-    for r in records:
-        messages = [m for m in to_messages(r, "messages", resolve) if m.role != "assistant"]
-        out.append(encode_prompt(messages, tokenizer, limits, tokens_per_second))
-    return out
-
-
-def decode(tokenizer, rows: torch.Tensor, stop: list[int]) -> list[str]:
-    answers = []
-    for row in rows.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
-
-
-def answer(model, tokenizer, batch_prompts: list[dict], stop: list[int], hf: bool = False) -> list[str]:
-    """Greedy answers of vlft's model (vlft.generate) or of a transformers model (its own generate), up to a stop
-    token (vlft.generate.stop_ids)."""
-    from vlft.generate import generate, left_pad
-
-    pad = tokenizer.pad_token_id
-    out = []
-    for i in range(0, len(batch_prompts), EVAL_BATCH):
-        batch = left_pad(batch_prompts[i:i + EVAL_BATCH], pad)
-        with torch.no_grad():
-            if hf:
-                full = model.generate(**batch, mm_token_type_ids=mm_token_types(batch["input_ids"], model.config),
-                                      max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=stop,
-                                      pad_token_id=pad)
-                new = full[:, batch["input_ids"].shape[1]:]
-            else:
-                new = generate(model, **batch, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop, pad_token_id=pad)
-        out += decode(tokenizer, new, stop)
-    return out
-
-
-def mm_token_types(input_ids: torch.Tensor, hf_config) -> torch.Tensor:
-    """What transformers' processor adds as `mm_token_type_ids` (0 text, 1 image, 2 video token). transformers v5
-    computes Qwen2.5-VL's 3D positions only when it is given; without it every token gets a 1D position."""
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == hf_config.image_token_id] = 1
-    types[input_ids == hf_config.video_token_id] = 2
-    return types
-
-
-def accuracy(records: list[dict], answers: list[str]) -> dict[str, float]:
-    """Exact-match accuracy in percent per question kind."""
-    hits: dict[str, list[bool]] = {}
-    for r, a in zip(records, answers):
-        hits.setdefault(r["kind"], []).append(a == r["messages"][-1]["content"])
-    return {k: round(100.0 * sum(v) / len(v), 1) for k, v in hits.items()}
-
-
-# ---------------------------------------------------------------------------------------------------- 4. training
-def train_overrides(out: Path, steps: int | None, processes: int) -> list[str]:
-    """`section.key=value` settings that point configs/demo.yaml at this output folder (values are JSON, which YAML
-    reads, so any path is safe)."""
+# ---------------------------------------------------------------------------------------------------- 4. stage 2
+def train_overrides(out: Path, seed: int, steps: int | None, per_rank_batch: int | None = None) -> list[str]:
+    """`section.key=value` settings that point configs/demo.yaml at this output folder. Paths are absolute, so they
+    mean the same whatever folder the config is read from; values are JSON, which YAML reads, so any path is safe."""
     j = json.dumps
     o = [f"model.path={j(str(out / 'base'))}", f"data.tokenizer={j(str(out / 'base'))}",
          f"data.datasets=[{{\"path\": {j(str(out / 'data' / 'train.jsonl'))}}}]",
          f"data.eval_datasets=[{{\"path\": {j(str(out / 'data' / 'heldout.jsonl'))}}}]",
-         f"train.output_dir={j(str(out / 'train'))}"]
+         f"train.output_dir={j(str(out / 'train'))}", f"train.seed={seed}", f"data.seed={seed}"]
     if steps is not None:
         o.append(f"train.max_steps={steps}")
         if steps < 100:  # a short run logs every step, so its loss curve has points
             o.append("train.log_every=1")
-    if processes > 1:
-        o.append(f"train.micro_batch_size={_per_rank_batch(out, processes)}")
+    if per_rank_batch is not None:
+        o.append(f"train.micro_batch_size={per_rank_batch}")
     return o
 
 
-def _per_rank_batch(out: Path, processes: int) -> int:
-    from vlft.config import load_experiment
-
-    total = load_experiment(out / "config.yaml").train.micro_batch_size
+def per_rank_batch(total: int, processes: int) -> int:
     if total % processes:
         raise ValueError(f"train.micro_batch_size {total} does not split over {processes} processes")
     return total // processes  # the same global batch, so the same steps learn the same thing
@@ -188,6 +106,7 @@ def free_port() -> int:
 
 
 def loss_history(train_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) of the logged training steps and of the held-out evaluations in OUTPUT_DIR/metrics.jsonl."""
     train, evals = [], []
     for line in (train_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -196,72 +115,45 @@ def loss_history(train_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[i
     return train, evals
 
 
-def plot_losses(train_dir: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, evals = loss_history(train_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([s for s, _ in train], [v for _, v in train], lw=1, label="train (per step)")
-    if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o", label="held-out")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per answer token")
-    ax.set_title("vlft demo: LoRA on a tiny Qwen2.5-VL")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------- 7. summary
-def verdict(kinds: list[str], before, after, frozen, agree: bool) -> dict[str, bool]:
-    """The demo's targets, each as a named pass/fail."""
-    checks = {}
-    for k in kinds:
-        needs, ch = task.KINDS[k][1], 100 * task.chance(k)
-        checks[f"{k}: before training at or below chance ({ch:.0f}%)"] = before[k] <= ch + 10
-        target = PICTURE_TARGET if needs == "picture" else TIME_TARGET
-        checks[f"{k}: after training >= {target:.0f}%"] = after[k] >= target
-        if needs == "time":
-            checks[f"{k}: frozen frames drop >= {FROZEN_DROP:.0f} points and end < {FROZEN_CEILING:.0f}%"] = (
-                after[k] - frozen[k] >= FROZEN_DROP and frozen[k] < FROZEN_CEILING)
-    checks["merged export reloaded in transformers gives the same answers"] = agree
-    return checks
-
-
-def table(kinds: list[str], before, after, frozen) -> str:
-    rows = [f"{'kind':<8} {'needs':<8} {'chance':>6} {'before':>7} {'after':>7} {'frozen':>7}"]
-    for k in kinds:
-        fz = f"{frozen[k]:6.1f}%" if k in frozen else f"{'-':>7}"
-        rows.append(f"{k:<8} {task.KINDS[k][1]:<8} {100 * task.chance(k):5.0f}% {before[k]:6.1f}% {after[k]:6.1f}% "
-                    f"{fz}")
-    return "\n".join(rows)
+def stage_record(losses: list[tuple[int, float]], optimizer_steps: int, batch_size: int, seconds: float) -> dict:
+    """What summary.json says of one training stage. `losses` are the logged points only: the number of optimizer
+    steps comes from the trainer, not from how many points were logged."""
+    return {"optimizer_steps": optimizer_steps, "batch_size": batch_size, "samples": optimizer_steps * batch_size,
+            "logged_points": len(losses), "first_logged_step": losses[0][0] if losses else None,
+            "first_loss": losses[0][1] if losses else None, "last_logged_step": losses[-1][0] if losses else None,
+            "last_loss": losses[-1][1] if losses else None, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="vlft demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a folder made by an earlier demo is replaced, "
-                    "any other non-empty folder is refused")
-    ap.add_argument("--quick", action="store_true", help="a smoke run in about a minute: little data, few steps "
-                                                        "(shows the path works, not that the model learns)")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default configs/demo.yaml)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the task data and of the base model")
-    ap.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a folder made by an "
+                    "earlier demo is replaced, any other non-empty folder is refused")
+    ap.add_argument("--quick", action="store_true", help="a smoke run in well under a minute: little data, few "
+                    "steps in both stages (shows the path works, not that the model learns)")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML of stage 2 (default "
+                    "configs/demo.yaml)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the task data, the base model and both trainings")
+    ap.add_argument("--base-steps", type=int, default=None,
+                    help=f"optimizer steps of stage 1, the base model's training (default {BaseTraining.steps})")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of stage 2 (overrides train.max_steps)")
     ap.add_argument("--kinds", default=",".join(task.DEFAULT_KINDS),
                     help=f"question kinds, comma-separated, from {', '.join(task.KINDS)}")
     ap.add_argument("--processes", type=int, default=1,
-                    help="train with `accelerate launch` on this many CPU processes (launch/accelerate/cpu.yaml)")
+                    help="train stage 2 with `accelerate launch` on this many CPU processes (launch/accelerate/cpu.yaml)")
     return ap.parse_args(argv)
 
 
-DEMO_MARKER = ".vlft-demo"
+def prepare_out(out: Path) -> bool:
+    """Empty the output folder if an earlier demo made it; False (and nothing touched) if it holds anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            return False
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by vlft demo; the next run with this --out replaces this folder\n")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,15 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     kinds = [k for k in args.kinds.split(",") if k]
-    if out.exists() and any(out.iterdir()):
-        # only a folder an earlier demo made is replaced; anything else the user has there is never deleted
-        if not (out / DEMO_MARKER).is_file():
-            print(f"vlft demo: {out} is not empty and was not made by vlft demo; choose another --out",
-                  file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("made by vlft demo; the next run with this --out replaces this folder\n")
+    if not prepare_out(out):  # anything the user has there is never deleted
+        print(f"vlft demo: {out} is not empty and was not made by vlft demo; choose another --out", file=sys.stderr)
+        return 2
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -291,42 +177,50 @@ def main(argv: list[str] | None = None) -> int:
 
     phase.t = time.perf_counter()
 
-    # ---- the experiment config, pointed at this folder (saved as OUT/config.yaml: `vlft train` it to redo step 4)
+    # ---- the stage 2 config, pointed at this folder (saved as OUT/config.yaml: `vlft train` it to redo stage 2)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else None)
-    base_overrides = train_overrides(out, steps, 1)
-    cfg = load_experiment(args.config, base_overrides)
+    overrides = train_overrides(out, args.seed, steps)
+    cfg = load_experiment(args.config, overrides)
     dump_yaml(cfg, out / "config.yaml")
-    n_train = cfg.train.max_steps * cfg.train.micro_batch_size  # every step sees samples it has not seen before
+    base = BaseTraining()
+    base.steps = args.base_steps or (QUICK_STEPS if args.quick else base.steps)
     n_heldout = QUICK_HELDOUT if args.quick else HELDOUT
 
-    # ---- 1. task
+    # ---- 1. task: every training step of either stage sees samples it has not seen before
     check_sizes(cfg.data)
-    info = task.generate(out / "data", n_train, n_heldout, seed=args.seed, kinds=tuple(kinds),
-                         train_weights=task.DEFAULT_TRAIN_WEIGHTS)
+    info = task.generate(out / "data", cfg.train.max_steps * cfg.train.micro_batch_size, n_heldout, seed=args.seed,
+                         kinds=tuple(kinds), n_describe=base.steps * base.batch_size,
+                         describe_weights=task.DESCRIBE_WEIGHTS)
     phase("task data")
 
-    # ---- 2. base model + tokenizer
-    make_base(out / "base", args.seed, cfg.data)
-    phase("base model")
+    # ---- 2. stage 1: the base model
+    base_losses = make_base(out / "base", args.seed, cfg.data, out / "data" / "describe.jsonl", base,
+                            task.vocabulary())
+    phase("stage 1: base model, full training")
 
-    # ---- 3. before training
+    # ---- 3. the base on the held-out split: captions, and answers to the questions
     from vlft.generate import load_for_inference, stop_ids
 
-    heldout = read_records(out / "data" / "heldout.jsonl")
-    frozen_records = read_records(out / "data" / "heldout_frozen.jsonl") if (
-        out / "data" / "heldout_frozen.jsonl").is_file() else []
+    data = out / "data"
+    heldout = read_records(data / "heldout.jsonl")
     model, tokenizer, limits, _ = load_for_inference(str(out / "base"), dtype="fp32", device="cpu")
     tps = model.config.vision.tokens_per_second
-    heldout_prompts = prompts(heldout, out / "data", tokenizer, limits, tps)
     stop = stop_ids(tokenizer, model)
-    before = accuracy(heldout, answer(model, tokenizer, heldout_prompts, stop))
-    phase("evaluation before training")
+    captions = read_records(data / "heldout_describe.jsonl")
+    caption_answers = answer(model, tokenizer, prompts(captions, data, tokenizer, limits, tps), stop,
+                             max_new_tokens=CAPTION_TOKENS)
+    described = accuracy(captions, caption_answers)
+    heldout_prompts = prompts(heldout, data, tokenizer, limits, tps)
+    answers_before = answer(model, tokenizer, heldout_prompts, stop)
+    before = accuracy(heldout, answers_before)
+    phase("evaluation of the base")
 
-    # ---- 4. train
-    run_training(Path(args.config), train_overrides(out, steps, args.processes) if args.processes > 1 else
-                 base_overrides, args.processes)
+    # ---- 4. stage 2: LoRA through `vlft train`
+    run_overrides = overrides if args.processes == 1 else train_overrides(
+        out, args.seed, steps, per_rank_batch(cfg.train.micro_batch_size, args.processes))
+    run_training(Path(args.config), run_overrides, args.processes)
     torch.set_num_threads(1)
-    phase("training")
+    phase("stage 2: LoRA training")
 
     # ---- 5. after training, and with frozen frames
     from vlft.lora_merge import resolve_checkpoint
@@ -337,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     answers_after = answer(model, tokenizer, heldout_prompts, stop)
     after = accuracy(heldout, answers_after)
     frozen = {}
-    if frozen_records:
-        frozen_prompts = prompts(frozen_records, out / "data", tokenizer, limits, tps)
+    if (data / "heldout_frozen.jsonl").is_file():
+        frozen_records = read_records(data / "heldout_frozen.jsonl")
+        frozen_prompts = prompts(frozen_records, data, tokenizer, limits, tps)
         frozen = accuracy(frozen_records, answer(model, tokenizer, frozen_prompts, stop))
-    phase("evaluation after training")
+    phase("evaluation after stage 2")
 
     # ---- 6. export and reload with transformers
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -357,25 +252,34 @@ def main(argv: list[str] | None = None) -> int:
     phase("export and transformers reload")
 
     # ---- 7. summary
-    plot_losses(out / "train", out / "loss_curve.png")
-    train_losses, eval_losses = loss_history(out / "train")
+    lora_losses, eval_losses = loss_history(out / "train")
+    plot_losses(base_losses, lora_losses, eval_losses, out / "loss_curve.png")
+    lora_steps = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     checks = verdict(kinds, before, after, frozen, agree)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     summary: dict[str, Any] = {
         "quick": args.quick, "seed": args.seed, "kinds": kinds,
         "needs": {k: task.KINDS[k][1] for k in kinds},
         "chance": {k: round(100 * task.chance(k), 1) for k in kinds},
+        "base_caption_accuracy": described,
         "accuracy_before": before, "accuracy_after": after, "accuracy_after_frozen_frames": frozen,
+        "examples_before": {r["kind"]: a for r, a in zip(reversed(heldout), reversed(answers_before))},
         "transformers_reload_agrees": agree, "transformers_same_answers": f"{same}/{len(heldout)}",
-        "heldout_samples": len(heldout), "train_samples": info["train"], "steps": len(train_losses),
-        "first_loss": train_losses[0][1] if train_losses else None,
-        "last_loss": train_losses[-1][1] if train_losses else None,
-        "heldout_loss": eval_losses[-1][1] if eval_losses else None,
+        "heldout_samples": len(heldout),
+        "stage1_base": stage_record(base_losses, base.steps, base.batch_size,
+                                    timings["stage 1: base model, full training"]),
+        "stage2_lora": dict(stage_record(lora_losses, lora_steps, cfg.train.micro_batch_size,
+                                         timings["stage 2: LoRA training"]),
+                            heldout_loss=eval_losses[-1][1] if eval_losses else None),
         "checks": checks, "targets_met": all(checks.values()), "seconds": timings,
         "checkpoint": str(ckpt), "merged": str(out / "merged"), "processes": args.processes,
+        "task": info,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n" + table(kinds, before, after, frozen))
+    print(f"\nstage 1: {base.steps} steps of full training; the base describes the held-out media: "
+          + ", ".join(f"{k} {v:.0f}%" for k, v in described.items()))
+    print(f"stage 2: {lora_steps} steps of LoRA through `vlft train`\n")
+    print(table(kinds, before, after, frozen))
     print(f"\ntransformers reload of the merged export: {same}/{len(heldout)} answers the same")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
@@ -385,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return 0 if summary["targets_met"] else 1
 
-
-QUICK_STEPS, QUICK_HELDOUT, HELDOUT = 8, 32, 400
 
 if __name__ == "__main__":
     sys.exit(main())
