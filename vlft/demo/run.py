@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     phase("stage 2: LoRA training")
 
     # ---- 5. after training, and with frozen frames
+    from vlft.checkpoint import read_trainer_state
     from vlft.lora_merge import resolve_checkpoint
 
     ckpt = resolve_checkpoint(out / "train")
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 7. summary
     lora_losses, eval_losses = loss_history(out / "train")
     plot_losses(base_losses, lora_losses, eval_losses, out / "loss_curve.png")
-    lora_steps = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    lora_steps = read_trainer_state(ckpt)["step"]
     checks = verdict(kinds, before, after, frozen, agree)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     summary: dict[str, Any] = {
