@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 import yaml
-from data_fixtures import save_image, tiny_tokenizer, write_jsonl
+from data_fixtures import header_only_png, save_image, tiny_tokenizer, write_jsonl
 
 from vlft.data import (DataConfig, DatasetConfig, ImageScale, MixedDataset, SampleError, SampleProcessor, SkipCounter,
                        Skipped, to_original, to_resized)
+from vlft.data.errors import BadInput
 from vlft.data.grounding import rescale_messages
 from vlft.data.template import Media, Message
 from vlft.errors import ConfigError
@@ -211,6 +212,20 @@ def test_per_image_pixel_limits_decide_the_scale(tok, tmp_path):
     assert supervised_text(tok, sample) == '{"point_2d": [35, 56]}<|im_end|>'
     sample, _ = processed(tok, tmp_path, record, dataset={"grounding": "keep"})
     assert supervised_text(tok, sample) == '{"point_2d": [12.5, 20]}<|im_end|>'
+
+
+def test_boxes_follow_the_configured_decode_ceiling(tok, tmp_path):
+    """The scale of a boxed image is read under data.max_decode_pixels, not the default ceiling: a user who raised it
+    for a 144-Mpx scan gets the boxes rescaled, and the default still refuses it, naming the setting."""
+    header_only_png(tmp_path / "scan.png", 12000, 12000)  # 144,000,000 px; the default ceiling is 134,217,728
+    dc = DatasetConfig(path=str(tmp_path / "d.jsonl"))
+    record = llava(["scan.png"], '{"bbox_2d": [0, 0, 6000, 6000]}')
+    raised = SampleProcessor(DataConfig(datasets=[dc], max_decode_pixels=200_000_000), tok)
+    (answer,) = [m for m in raised.ground(raised.messages(record, dc), dc) if m.role == "assistant"]
+    assert "[0, 0, 6000, 6000]" not in str(answer.parts) and "bbox_2d" in str(answer.parts)  # rescaled
+    default = SampleProcessor(DataConfig(datasets=[dc]), tok)
+    with pytest.raises(BadInput, match=r"over the decode ceiling data.max_decode_pixels=134,217,728"):
+        default.ground(default.messages(record, dc), dc)
 
 
 def test_bad_boxes_are_skipped_counted_and_reported(tok, tmp_path, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from data_fixtures import make_video, save_image, tiny_tokenizer, write_jsonl
+from data_fixtures import header_only_png, make_video, save_image, tiny_tokenizer, write_jsonl
 
 from vlft.data import DataConfig, DatasetConfig, MixedDataset, SampleError
 from vlft.data import lengths as L
@@ -106,3 +106,15 @@ def test_image_pil_refuses_to_open_is_unmeasurable_not_a_crash(tmp_path):
     ds = MixedDataset(DataConfig(datasets=[DatasetConfig(path=path)]), tiny_tokenizer(tmp_path))
     assert L.measure_source(ds.sources[0], ds.processor, ds.datasets[0]).tolist() == [L.UNMEASURABLE]
     assert "too large to decode safely" in ds[0].reason
+
+
+def test_frame_list_videos_follow_the_configured_decode_ceiling(tmp_path):
+    """A video given as frame images is measured under the caller's max_decode_pixels, as process_video reads it."""
+    from vlft.data.errors import BadInput
+
+    header_only_png(tmp_path / "f.png", 12000, 12000)  # 144,000,000 px, over the default ceiling
+    frames = [tmp_path / "f.png"] * 2
+    options = dict(min_pixels=3136, max_pixels=12845056, total_pixels=2 * 12845056)
+    assert L.video_tokens(frames, max_decode_pixels=200_000_000, **options) > 0
+    with pytest.raises(BadInput, match="max_decode_pixels=134,217,728"):
+        L.video_tokens(frames, **options)

@@ -22,8 +22,7 @@ from fractions import Fraction
 from typing import Any
 
 from vlft.data.errors import BadInput
-from vlft.data.image import smart_resize
-from vlft.data.image import image_size
+from vlft.data.image import MAX_DECODE_PIXELS, image_size, smart_resize
 from vlft.data.template import Media, Message
 
 ARITY = {"bbox_2d": 4, "point_2d": 2}
@@ -51,9 +50,11 @@ class ImageScale:
         return cls(height, width, *smart_resize(height, width, min_pixels, max_pixels))
 
 
-def image_scale(source: Any, min_pixels: int, max_pixels: int) -> ImageScale:
-    """The scale of an image file (its header is read, no pixel decoded) or PIL image at these pixel limits."""
-    return ImageScale.of(*image_size(source), min_pixels, max_pixels)
+def image_scale(source: Any, min_pixels: int, max_pixels: int,
+                max_decode_pixels: int = MAX_DECODE_PIXELS) -> ImageScale:
+    """The scale of an image file (its header is read, no pixel decoded) or PIL image at these pixel limits; a
+    stored size over `max_decode_pixels` is refused as the image's processing would refuse it."""
+    return ImageScale.of(*image_size(source, max_decode_pixels), min_pixels, max_pixels)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _file_frames(path: Path, fps, nframes, min_frames, max_frames, start, end) -
         container.close()
 
 
-def _listed_frames(frames: list, fps, nframes, frames_fps, max_frames) -> tuple[int, int, int]:
+def _listed_frames(frames: list, fps, nframes, frames_fps, max_frames, max_decode_pixels) -> tuple[int, int, int]:
     """(frames kept, height, width) of a video given as frame images (the rule of `process_video` for frames)."""
     total = len(frames)
     if total < 2:
@@ -75,18 +75,19 @@ def _listed_frames(frames: list, fps, nframes, frames_fps, max_frames) -> tuple[
         n = max(2, max_frames // 2 * 2)
     else:
         n = total + total % TEMPORAL_PATCH_SIZE  # an odd count repeats the last frame
-    return (n, *image_size(frames[0]))
+    return (n, *image_size(frames[0], max_decode_pixels))
 
 
 def video_tokens(source: Any, fps=None, nframes=None, min_frames=4, max_frames=64, min_pixels=0, max_pixels=0,
                  total_pixels=0, start=None, end=None, frames_fps=None, max_decode_pixels=MAX_DECODE_PIXELS) -> int:
     """Merged tokens of a video, as `process_video` would give them (same arguments)."""
     if isinstance(source, (list, tuple)):
-        n, h, w = _listed_frames(list(source), fps, nframes, frames_fps, max_frames)
+        n, h, w = _listed_frames(list(source), fps, nframes, frames_fps, max_frames, max_decode_pixels)
     else:
         path = Path(source)
         if path.is_dir():
-            n, h, w = _listed_frames(frame_files(path), fps, nframes, frames_fps, max_frames)
+            n, h, w = _listed_frames(frame_files(path), fps, nframes, frames_fps, max_frames,
+                                     max_decode_pixels)
         elif not path.is_file():
             raise BadInput(f"video file not found: {path}")
         else:

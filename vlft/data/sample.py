@@ -88,7 +88,8 @@ class SampleProcessor:
         (raises BadInput naming a bad box). Training, eval, data check and the length index all go through here."""
         if (dc.grounding or self.cfg.grounding) == "keep":
             return messages
-        return rescale_messages(messages, lambda m: image_scale(m.source, **self.image_options(m, dc)))
+        return rescale_messages(messages, lambda m: image_scale(m.source, **self.image_options(m, dc),
+                                                                max_decode_pixels=self.cfg.max_decode_pixels))
 
     def encode(self, messages: list, media_tokens: list[int]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation whose k-th media item has media_tokens[k] merged tokens."""
