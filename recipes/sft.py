@@ -123,7 +123,9 @@ def build(cfg: ExperimentConfig) -> Setup:
     # under ZeRO-3 the parameters are partitioned as they are read: no process holds the whole model; with
     # model.quantization (QLoRA) the frozen linear layers become 4-bit shard by shard while loading
     quantize = frozen_quantizer(cfg.model.quantization, accelerator.device, zero_stage(accelerator))
-    model = quantize(load_model(cfg, accelerator, after_shard=quantize))
+    model = load_model(cfg, accelerator, after_shard=quantize)
+    if quantize is not None:
+        model = quantize(model)  # a preset model is built whole; a loaded one was quantized shard by shard already
     model.set_gradient_checkpointing(text=cfg.model.gradient_checkpointing,
                                      vision=cfg.model.vision_gradient_checkpointing)
     model.name_or_path = cfg.model.path  # peft writes it into adapter_config.json as base_model_name_or_path

@@ -261,7 +261,8 @@ def load_for_inference(model_dir: str | None, adapter: str | None = None, dtype:
         model = load_pretrained(model_dir, dtype=torch_dtype, device=device, attn_implementation=attn,
                                 after_shard=quantize)
         base_folder = Path(model_dir)
-    model = quantize(model)
+    if quantize is not None:
+        model = quantize(model)  # a preset model is built whole; a loaded one was quantized shard by shard already
     if ckpt is not None:
         (attach_adapter if load_4bit else apply_adapter)(model, load_adapter(ckpt))
     model.eval()

@@ -103,15 +103,18 @@ def quantize_frozen(model: torch.nn.Module, settings: QuantizationSection | None
 
 
 def frozen_quantizer(settings: QuantizationSection | None, device: str | torch.device = "cpu", zero_stage: int = 0
-                     ) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """`quantize_frozen` with these settings, for `load_pretrained(after_shard=...)` and for a built model; the
-    identity without settings. Refuses ZeRO-3 at once, before any weight is read."""
+                     ) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
+    """`quantize_frozen` with these settings, for `load_pretrained(after_shard=...)` and for a built model; None
+    without settings, so that a plain load passes no `after_shard` (with one, load_pretrained copies every tensor out
+    of the file's mapping, which a plain load must not: ranks on a node share the mapped pages). Refuses ZeRO-3 at
+    once, before any weight is read."""
     if settings is not None and zero_stage == 3:
         raise ConfigError("model.quantization: DeepSpeed ZeRO-3 would partition the packed 4-bit weights, which "
                           "bitsandbytes cannot use; launch with DDP (launch/accelerate/multi_gpu.yaml) or ZeRO-2 "
                           "(launch/accelerate/zero2.yaml), or set model.quantization=null")
-    if settings is not None:
-        import_bitsandbytes()  # a missing package fails here, before the model is read
+    if settings is None:
+        return None
+    import_bitsandbytes()  # a missing package fails here, before the model is read
     return lambda model: quantize_frozen(model, settings, device)
 
 
