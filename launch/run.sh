@@ -8,9 +8,11 @@
 #
 # Why a wrapper: torch's elastic agent (what `accelerate launch` runs) turns SIGTERM into an error exit and kills
 # the ranks 30 s later, before a large model's checkpoint is written. Here the agent ignores TERM/INT (it is told not
-# to handle them, and inherits an ignored disposition), the ranks get the signal from the process group or from the trap
-# below, and the agent just waits for them. TORCH_ELASTIC_SHUTDOWN_TIMEOUT still bounds how long it waits for ranks
-# it stops itself (after a rank failure).
+# to handle them, and inherits an ignored disposition, as do the ranks: recipes/sft.py sets their handlers itself).
+# torch starts the ranks in sessions of their own, so a signal to this process group does not reach them: the trap
+# below passes the signal on (a scheduler that signals every process of the job reaches them directly too), and the
+# agent just waits for them. TORCH_ELASTIC_SHUTDOWN_TIMEOUT still bounds how long it waits for ranks it stops itself
+# (after a rank failure).
 set -uo pipefail
 PYTHON=${PYTHON:-python}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGHUP,SIGQUIT}  # torchrun's --signals_to_handle
@@ -18,8 +20,9 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 
 (trap '' TERM INT; exec "$PYTHON" -m accelerate.commands.launch "$@") &
 agent=$!
-# a signal to this script alone: pass it to the ranks (the agent's children); they may get it twice, which is harmless
-trap 'pkill -TERM -P "$agent" 2>/dev/null || true' TERM INT
+# pass the signal on to the ranks (the agent's children) as it came: a second Ctrl-C is a second SIGINT, which aborts
+trap 'pkill -TERM -P "$agent" 2>/dev/null || true' TERM
+trap 'pkill -INT -P "$agent" 2>/dev/null || true' INT
 while :; do
   wait "$agent"
   status=$?

@@ -454,7 +454,7 @@ def resume(s: Setup) -> dict:
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
     stop: list[int] = []
     # from the very start: a signal while a large model loads ends the run cleanly once it is set up
-    handlers = catch_stop_signals(stop) if cfg.checkpoint.save_on_signal else {}
+    handlers = catch_stop_signals(stop) if cfg.checkpoint.save_on_signal else default_stop_signals()
     s = None
     try:
         s = build(cfg)
@@ -513,6 +513,13 @@ def catch_stop_signals(stop: list[int]) -> dict:
         stop.append(signum)
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def default_stop_signals() -> dict:
+    """Without checkpoint.save_on_signal, SIGTERM ends the run and SIGINT raises KeyboardInterrupt, as in any program.
+    Set here because a launch through launch/run.sh starts the ranks with both ignored (its agent must ignore them)."""
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
 
 
 def teardown(s: Setup | None, handlers: dict) -> None:

@@ -39,8 +39,9 @@ def _losses(out) -> list[float]:
             if r["split"] == "train"]
 
 
-def _interrupt(cmd, out, env) -> subprocess.CompletedProcess:
-    """Start `cmd` in its own process group, wait for two logged steps, SIGTERM the whole group, wait for the end."""
+def _interrupt(cmd, out, env, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `cmd` in its own process group, wait for two logged steps, SIGTERM the whole group, wait for the end
+    (at most `timeout` s; then the group is killed and TimeoutExpired raised)."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -50,7 +51,12 @@ def _interrupt(cmd, out, env) -> subprocess.CompletedProcess:
         time.sleep(0.2)
     assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.communicate()[1][-5000:]}"
     os.killpg(proc.pid, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -90,3 +96,22 @@ def test_sigterm_to_the_group_of_a_two_process_launch(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     # the resume and the reference run on 1 process with the same micro-batches per step
     _check_and_resume(tmp_path, path, out, ["train.gradient_accumulation=2"])
+
+
+@pytest.mark.slow
+def test_without_save_on_signal_sigterm_still_ends_a_two_process_launch(tmp_path):
+    """launch/run.sh starts the ranks with SIGTERM ignored (its agent must ignore it); a run that does not save on a
+    signal sets the default back, so SIGTERM ends it instead of leaving ranks that only SIGKILL stops."""
+    out = tmp_path / "plain"
+    path, _ = _config(tmp_path, out, gradient_accumulation=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    cmd = ["bash", "launch/run.sh", "--config_file", "launch/accelerate/cpu.yaml", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "recipes/sft.py", str(path), "checkpoint.save_on_signal=false"]
+    try:
+        done = _interrupt(cmd, out, env, timeout=90)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-KILL", "-f", str(path)])  # the ranks run in sessions of their own
+        pytest.fail("SIGTERM did not end a run with checkpoint.save_on_signal=false within 90 s")
+    assert done.returncode != 0, "the run ignored SIGTERM and ran to its end"
+    assert not complete_checkpoints(out)
