@@ -71,14 +71,15 @@ def test_overwrite_replaces_only_what_the_old_run_wrote(tmp_path):
     assert (out / "eval-checkpoint-0000002" / "summary.json").is_file()
 
 
-def test_resume_continues_the_run_and_metrics_hold_each_step_once(tmp_path, monkeypatch):
+def test_resume_continues_the_run_and_metrics_hold_each_step_once(tmp_path):
     path, _ = workspace(tmp_path, train={"max_steps": 4}, checkpoint={"every": 1, "keep_last": 1})
-    first = run_signalled_at(path, 5)  # SIGTERM during step 3: steps 1 and 2 are logged and saved
+    first = run_signalled_at(path, 5)  # SIGTERM during step 3: the step ends, steps 1-3 are logged and saved
     out = tmp_path / "out"
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     # a crash after a logged but unsaved step leaves a metric the resume will repeat
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": first["state"]["step"] + 1, "split": "train", "loss": 9.9}) + "\n")
+        f.write('{"step": 9, "split": "tra')  # and a record cut short by a kill in the middle of its write
     run_in_process(path, "checkpoint.resume=auto")
     assert json.loads((out / "run.json").read_text())["run_id"] == run_id
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

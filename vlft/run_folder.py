@@ -120,13 +120,21 @@ def run_id_of(output_dir: str | Path) -> str:
 
 def trim_metrics(output_dir: str | Path, step: int) -> None:
     """Drop metric records after `step` (written by the attempt that a resume from `step` repeats), so a resumed
-    run's metrics.jsonl has each step once."""
+    run's metrics.jsonl has each step once; also a record cut short by a kill in the middle of its write."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    _write_atomic(path, "".join(kept))
+    steps = [(line, _step_of(line)) for line in path.read_text().splitlines(keepends=True)]
+    _write_atomic(path, "".join(line for line, s in steps if s is not None and s <= step))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metric record (0 if it has none); None for a line that is not a whole JSON record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 def remove_partial(output_dir: str | Path) -> None:
