@@ -76,7 +76,6 @@ class Setup:
     tracker: Any = None
     progress: Any = None
     stream: Any = None
-    last_batch: dict | None = None  # the last usable training batch (host), stand-in for batches left empty
     stop: list[int] = field(default_factory=list)  # signals received (SIGTERM/SIGINT)
 
     @property
@@ -228,29 +227,19 @@ class DataStream:
         batches, counts, position = [], [0, 0, 0, 0], None
         for _ in range(self.s.cfg.train.gradient_accumulation):
             raw, position = next(self._batches)
+            skipped = len(raw["skipped"])  # read before _prepare takes it out
             batch, n = self._prepare(raw)
             batches.append(batch)
             counts = [c + x for c, x in zip(counts, (batch.pop("num_label_tokens"), n, batch.pop("num_tokens"),
-                                                      len(raw.get("skipped", []))))]
+                                                      skipped))]
         return Window(batches, *counts, position=position)
 
     def _prepare(self, batch: dict) -> tuple[dict, int]:
-        """Count skipped samples; a micro-batch left empty by skips becomes a copy of an earlier one with no
-        supervised token, so every rank still runs the same forward/backward calls (ZeRO-3 needs that)."""
+        """Count skipped samples. A micro-batch left without a sample is the collator's placeholder (nothing
+        supervised), which still runs, so every rank makes the same forward/backward calls."""
         n = batch.pop("num_samples", 0)
         self.s.skips.add(n, batch.pop("skipped", []))
-        if n:
-            self.s.last_batch = batch
-            return to_device(batch, self.s.accelerator.device), n
-        return to_device(stand_in(self.s), self.s.accelerator.device), n
-
-
-def stand_in(s: Setup) -> dict:
-    """A copy of the last usable batch with no supervised token: what a rank runs when skips (or the end of its
-    evaluation share) leave it no sample, so that every rank still makes the same forward/backward calls."""
-    if s.last_batch is None:
-        raise RuntimeError("the first micro-batch of the run has no usable sample")
-    return dict(s.last_batch, labels=torch.full_like(s.last_batch["labels"], -100), num_label_tokens=0, num_tokens=0)
+        return to_device(batch, self.s.accelerator.device), n
 
 
 def _loader(s: Setup, dataset, batches: list[list[int]], seed: int) -> torch.utils.data.DataLoader:
@@ -359,7 +348,7 @@ def finish_step(s: Setup, state: dict, pending: dict, totals: dict, history: lis
 # ======================================================================================================= eval, save
 def evaluate(s: Setup) -> float:
     """Mean token loss over the eval split. Every rank runs the same number of batches; a rank whose share has
-    run out runs a stand-in batch with no supervised token, so nothing is counted twice."""
+    run out runs a placeholder batch with no supervised token, so nothing is counted twice."""
     cfg = s.cfg
     s.model.eval()
     batches = eval_rank_batches(len(s.eval_ds), cfg.train.micro_batch_size, s.accelerator.process_index, s.world)
@@ -370,8 +359,7 @@ def evaluate(s: Setup) -> float:
     with torch.no_grad():
         for batch in _loader(s, s.eval_ds, batches, cfg.train.seed):
             batch.pop("skipped", [])
-            if not batch.pop("num_samples", 0):
-                batch = stand_in(s)
+            batch.pop("num_samples")  # a rank whose share has run out runs the collator's placeholder
             n_tok += batch.pop("num_label_tokens")
             batch.pop("num_tokens")
             loss_sum += forward(s, to_device(batch, s.accelerator.device)).loss_sum.double()

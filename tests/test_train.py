@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,24 @@ def test_secrets_are_never_written(tmp_path, monkeypatch):
     assert any("wandb" in str(p) for p in files) and any(p.name == "config.yaml" for p in files)
     leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_a_micro_batch_left_empty_by_a_skip_runs_first_in_a_process(tmp_path):
+    """A micro-batch whose only sample is skipped runs as the collator's placeholder (nothing supervised), even as
+    the first micro-batch a process runs: at the start of a run or of a resume (of the two samples, one of the two
+    runs below meets the bad one first)."""
+    path, cfg = workspace(tmp_path, ["text"] * 2, data={"max_skip_fraction": 0.5},
+                          train={"max_steps": 2, "micro_batch_size": 1, "gradient_accumulation": 1},
+                          checkpoint={"every": 1, "keep_last": 0})
+    data = tmp_path / "data" / "train.jsonl"
+    good, _ = data.read_text().splitlines()
+    bad = json.loads(good)
+    bad["messages"][0]["content"].insert(0, {"type": "image", "image": "media/missing.png"})
+    data.write_text(good + "\n" + json.dumps(bad) + "\n")
+    first = run_in_process(path)
+    out = Path(cfg["train"]["output_dir"])
+    resumed = run_in_process(path, f"checkpoint.resume={out / 'checkpoint-0000001'}",
+                             f"train.output_dir={tmp_path / 'resumed'}")
+    assert first["state"]["step"] == resumed["state"]["step"] == 2
+    assert first["state"]["skipped_samples"] == 1
+    assert first["losses"][1] == pytest.approx(resumed["losses"][-1], abs=1e-6)

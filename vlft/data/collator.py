@@ -71,12 +71,16 @@ class Collator:
         self.packing, self.max_length, self.multiple = packing, max_length, pad_to_multiple_of
 
     def __call__(self, items: list) -> dict:
+        """The batch of `items`; with no usable sample among them (all skipped, or the empty micro-batches that give
+        every rank the same count) a placeholder of one pad token with nothing supervised, so that every rank still
+        runs the same forward/backward calls (DDP and ZeRO-3 need that). `num_samples` says which it is."""
         samples = [x for x in items if not isinstance(x, Skipped)]
-        batch = (self._packed(samples) if self.packing else self._padded(samples)) if samples else {}
-        if samples:  # host-side counts: the training loop reads them without a device sync
-            batch["num_label_tokens"] = int((shifted_targets(batch["labels"], batch.get("cu_seqlens"))
-                                             != IGNORE_INDEX).sum())
-            batch["num_tokens"] = sum(len(s["input_ids"]) for s in samples)
+        real = samples or [{"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}]
+        batch = self._packed(real) if self.packing else self._padded(real)
+        # host-side counts: the training loop reads them without a device sync
+        batch["num_label_tokens"] = int((shifted_targets(batch["labels"], batch.get("cu_seqlens")) != IGNORE_INDEX)
+                                        .sum())
+        batch["num_tokens"] = sum(len(s["input_ids"]) for s in samples)
         batch["skipped"] = [x for x in items if isinstance(x, Skipped)]
         batch["num_samples"] = len(samples)
         return batch
