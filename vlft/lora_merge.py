@@ -1,7 +1,8 @@
 """Saved LoRA/DoRA adapters without peft: read one, check it against a base, merge it into weights.
 
 `vlft export` merges shard by shard from these pieces; `vlft generate`, `vlft chat` and `vlft eval` merge into a
-loaded model with `apply_adapter`. The training side (peft wrapping, targets, freezing) is vlft/adapters.py.
+loaded model with `apply_adapter` (with `--load-4bit` they keep it unmerged on the 4-bit layers instead,
+vlft.quant.attach_adapter). The training side (peft wrapping, targets, freezing) is vlft/adapters.py.
 
 Merge math (what peft computes, written out here; checked against peft's own merge in tests/test_export.py):
     LoRA:  W' = W + s * B @ A,                 s = alpha / r  (alpha / sqrt(r) with rsLoRA)
@@ -105,10 +106,10 @@ def load_adapter(path: str | Path) -> Adapter:
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LORA (with or "
-                           "without DoRA) can be exported")
+                           "without DoRA) can be used")
     for key, default in UNSUPPORTED.items():
         if config.get(key) not in (default, None, [], {}):
-            raise AdapterError(f"{folder / ADAPTER_CONFIG}: {key}={config[key]!r} is not supported by vlft export")
+            raise AdapterError(f"{folder / ADAPTER_CONFIG}: {key}={config[key]!r} is not supported by vlft")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{folder / ADAPTER_CONFIG}: bias={config['bias']!r}; only bias='none' is supported")
     state = load_file(str(weights_file))
@@ -124,7 +125,7 @@ def load_adapter(path: str | Path) -> Adapter:
             kind = m.group(2).split(".")[0]
             parts.setdefault(to_hub_key(m.group(1)), {})[kind] = t
         elif ".lora_" in name:
-            raise AdapterError(f"{weights_file}: {key} is a kind of LoRA weight vlft export does not merge")
+            raise AdapterError(f"{weights_file}: {key} is a kind of LoRA weight vlft does not merge")
         else:  # a parameter of a fully trained module (peft modules_to_save)
             adapter.full[to_hub_key(name)] = t
     rslora = bool(config.get("use_rslora"))
