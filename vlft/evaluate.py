@@ -36,8 +36,8 @@ from vlft.data.collator import MEDIA_KEYS
 from vlft.errors import UserError
 from vlft.generate import generate, left_pad, load_for_inference, stop_ids
 from vlft.lora_merge import resolve_checkpoint
+from vlft.loss import IGNORE_INDEX
 
-IGNORE = -100
 OUTPUTS = ("predictions.jsonl", "summary.json")
 CONVERSATION_KEYS = ("messages", "conversations")  # shown as prompt / reference, not copied under "record"
 
@@ -54,10 +54,10 @@ def match(prediction: str, reference: str) -> tuple[bool, bool]:
 
 def split_last_reply(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids up to the last assistant reply, the reply's ids without its closing <|im_end|>)."""
-    sup = (labels != IGNORE).nonzero().flatten().tolist()
+    sup = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
     end = sup[-1]  # the <|im_end|> that closes the last reply
     start = end
-    while start > 0 and labels[start - 1] != IGNORE:
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     return input_ids[:start], input_ids[start:end]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from vlft.data.errors import BadInput
+from vlft.loss import IGNORE_INDEX
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlft.loss import chunked_cross_entropy, shifted_targets
+from vlft.loss import IGNORE_INDEX, chunked_cross_entropy, shifted_targets
 from vlft.model.attention import check_implementation
 from vlft.model.config import ModelConfig
 from vlft.model.kv_cache import KVCache
@@ -221,12 +221,12 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
     def _loss(self, out: ModelOutput, hidden_BLD, labels_BL, cu, num_items_in_batch) -> None:
         B, L = labels_BL.shape
         shifted = shifted_targets(labels_BL, cu)
-        keep = shifted != -100
+        keep = shifted != IGNORE_INDEX
         n = keep.sum()  # where the labels are: on the host, reading it never waits for the device
         device = hidden_BLD.device
         if out.logits is not None and out.logits.shape[1] == L:
             loss_sum = F.cross_entropy(out.logits.reshape(B * L, -1).float(), shifted.to(device, non_blocking=True),
-                                       ignore_index=-100, reduction="sum")
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
         else:
             # only the supervised positions go through the head; their indices are found on the host when the
             # labels are there (a boolean mask on the device would read its count back)
