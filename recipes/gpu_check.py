@@ -50,24 +50,31 @@ SECTIONS = [  # (name, script and arguments, seconds)
 
 def environment() -> dict:
     env = {"python": platform.python_version(), "host": platform.node()}
-    probe = ("import json, torch, transformers, peft; print(json.dumps({'torch': torch.__version__, 'transformers': "
-             "transformers.__version__, 'peft': peft.__version__, 'cuda': torch.version.cuda, 'gpu': "
-             "torch.cuda.get_device_name() if torch.cuda.is_available() else None}))")
+    # one process (each start imports torch): versions, and which optional kernels import
+    probe = ("import json, torch, transformers, peft\n"
+             "def imports(module):\n"
+             "    try:\n"
+             "        __import__(module)\n"
+             "        return True\n"
+             "    except Exception:\n"
+             "        return False\n"
+             "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, 'peft': "
+             "peft.__version__, 'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if "
+             "torch.cuda.is_available() else None, **{m: imports(m) for m in ('liger_kernel', 'flash_attn', "
+             "'bitsandbytes')}}))")
     try:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
         env.update(json.loads(out.stdout.strip().splitlines()[-1]))
     except Exception as e:  # noqa: BLE001 - recorded
         env["probe_error"] = f"{type(e).__name__}: {e}"
-    for module in ("liger_kernel", "flash_attn", "bitsandbytes"):
-        env[module] = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
-                                     cwd=ROOT).returncode == 0
     return env
 
 
 def run_section(name: str, argv: list[str], seconds: float, out_dir: Path) -> dict:
     """Run one section in its own process; its JSON, exit status, time and the end of its output."""
     result_file = out_dir / f"{name}.json"
-    cmd = [sys.executable, *argv] + ([str(result_file)] if name == "cuda_checks" else ["--json", str(result_file)])
+    result_file.unlink(missing_ok=True)  # a result left by an earlier run must not pass for this run's
+    cmd = [sys.executable, *argv, "--json", str(result_file)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()

@@ -1,7 +1,8 @@
 """GPU checks shared by tests/test_cuda.py (pytest, skipped without CUDA) and recipes/gpu_check.py (one JSON).
 
 Each check returns the numbers it measured and raises AssertionError when a bound fails. No pytest import here:
-the GPU machines that run recipes/gpu_check.py may not have it. Run alone: `python tests/cuda_checks.py`.
+the GPU machines that run recipes/gpu_check.py may not have it. Run alone: `python tests/cuda_checks.py [--json
+FILE]` (exit status 1 if a check failed).
 """
 
 from __future__ import annotations
@@ -194,4 +195,9 @@ def main(path: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    import argparse
+
+    ap = argparse.ArgumentParser(description="vlft's CUDA checks; exit 1 if one fails")
+    ap.add_argument("--json", help="write the results here")
+    results = main(ap.parse_args().json)
+    sys.exit(1 if any(isinstance(v, dict) and not v.get("ok") for v in results.values()) else 0)

@@ -58,6 +58,9 @@ def test_gpu_check_records_results_failures_and_timeouts(tmp_path):
     check_failed = gpu_check.run_section("checks", ["-c", "import json, sys; json.dump({'a': {'ok': False}}, "
                                                     "open(sys.argv[-1], 'w'))"], 60, tmp_path)
     assert not check_failed["ok"] and check_failed["rc"] == 0
+    (tmp_path / "stale.json").write_text('{"x": 1}')  # left by an earlier run: not this run's result
+    stale = gpu_check.run_section("stale", ["-c", "pass"], 60, tmp_path)
+    assert not stale["ok"] and "result" not in stale
 
 
 def test_gpu_sections_name_existing_scripts_and_options():
