@@ -17,6 +17,7 @@ The same script is the measuring worker (`--worker`), which tests/test_zero3_loa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -75,8 +76,14 @@ def worker(out_dir: str, recipe_args: list[str]) -> int:
 
     code = load_recipe().main(recipe_args)
     measured["train"] = _status("VmHWM") - measured["before"]
-    Path(out_dir, f"memory-rank{measured['rank']}.json").write_text(json.dumps(measured))
+    memory_file(Path(out_dir), measured["rank"]).write_text(json.dumps(measured))
     return int(code or 0)
+
+
+def memory_file(out: Path, rank: int) -> Path:
+    """Where a rank's memory figures go: beside the run folder, which holds only what the run writes (a file of ours
+    inside would make it a folder of someone else's files to the next run, vlft/run_folder.py)."""
+    return out.parent / f"{out.name}.memory-rank{rank}.json"
 
 
 def launch(setup: str, out_dir: Path, recipe_args: list[str], env: dict[str, str] | None = None,
@@ -157,7 +164,8 @@ def make_mix(root: Path, samples: int, seed: int = 0) -> dict[str, str]:
 
 
 def experiment(model: Path, data: dict[str, str], out: Path, args: argparse.Namespace, packing: bool) -> dict:
-    """The recipe's config for one run: LoRA on the language model, fp32, the given batch shape."""
+    """The recipe's config for one run: LoRA on the language model, fp32, the given batch shape. A rerun in the same
+    --workdir replaces its own earlier run there (train.overwrite_output_dir)."""
     return {
         "model": {"path": str(model), "dtype": "float32"},
         "lora": {"rank": 16, "alpha": 32},
@@ -166,7 +174,7 @@ def experiment(model: Path, data: dict[str, str], out: Path, args: argparse.Name
                  "video_total_pixels": 100352, "video_min_frames": 4, "video_max_frames": 8,
                  "max_length": args.max_length, "packing": packing, "num_workers": 0},
         "optim": {"lr": 1e-4, "warmup_steps": 0},
-        "train": {"output_dir": str(out), "max_steps": args.steps,
+        "train": {"output_dir": str(out), "max_steps": args.steps, "overwrite_output_dir": True,
                   "micro_batch_size": args.packed_rows if packing else args.micro_batch,
                   "gradient_accumulation": 1, "precision": "fp32", "seed": 0},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -179,7 +187,7 @@ def summarise(out: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     times = [b["time"] - a["time"] for a, b in itertools.pairwise(train)]
-    memory = [json.loads((out / f"memory-rank{r}.json").read_text()) for r in range(2)]
+    memory = [json.loads(memory_file(out, r).read_text()) for r in range(2)]
     return {"load_gib": max(m["load"] for m in memory) / 2**30, "train_gib": max(m["train"] for m in memory) / 2**30,
             "step_s": statistics.median(times), "tokens_s": statistics.median(r["tokens_per_s"] for r in train[1:]),
             "samples_s": statistics.median(r["samples_per_s"] for r in train[1:]),
@@ -202,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packing", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--workdir", help="keep the model, data and runs here (default: a temporary folder)")
     args = p.parse_args(argv)
+    with contextlib.ExitStack() as stack:  # the temporary folder (GBs of shards) goes when the benchmark ends
+        root = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vlft-bench-distributed-")))
+        return run_all(root, args, argv)
 
+
+def run_all(root: Path, args: argparse.Namespace, argv: list[str]) -> int:
     import yaml
 
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="vlft-bench-distributed-"))
     params, model_bytes = build_model_folder(root / "model", args.layers, min(args.layers, 2))
     data = make_mix(root / "data", args.samples)
     rows = []

@@ -152,7 +152,7 @@ def _run(root, data, setup: str) -> tuple[list[float], list[int]]:
     cfg_path.write_text(yaml.safe_dump(cfg))
     _launch(setup, REPO / "recipes" / "bench_distributed.py", "--worker", out, cfg_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    growth = [json.loads((out / f"memory-rank{r}.json").read_text())["load"] for r in range(2)]
+    growth = [json.loads((root / f"{setup}.memory-rank{r}.json").read_text())["load"] for r in range(2)]  # beside out
     return [r["loss"] for r in records if r["split"] == "train"], growth
 
 
