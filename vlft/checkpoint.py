@@ -179,13 +179,12 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
     """Restore trainable weights, optimizer state, schedule and this rank's RNG from `folder` into the prepared
     objects (any topology); returns the trainer state (step, data position, counters). Reads safetensors and JSON
     only."""
-    from vlft.distributed import load_optimizer_state, load_trainable
+    from vlft.distributed import load_optimizer_state, load_trainable, trainable_parameters
 
     folder = Path(folder)
     state = read_trainer_state(folder)
-    peft_model = accelerator.unwrap_model(model)
-    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    keys = adapter_keys(peft_model, names)
+    names = [n for n, _ in trainable_parameters(accelerator, model)]
+    keys = adapter_keys(accelerator.unwrap_model(model), names)
     adapter = _read_tensors(folder / "adapter_model.safetensors")
     by_key = {k: n for n, k in keys.items()}
     extra = sorted(set(adapter) - set(by_key))
