@@ -123,3 +123,18 @@ def test_grouped_heads_are_repeated_where_varlen_refuses_them(emulated_varlen):
     ref = segment_attention(q, k, v, Segments(cu), causal=True, impl="sdpa")
     ours = segment_attention(q, k, v, make_segments(cu, "sdpa", q.device, q.dtype), causal=True, impl="sdpa")
     assert attention._native_gqa == [False] and (ours - ref).abs().max() < 1e-5
+
+
+def test_out_of_memory_in_varlen_is_raised_not_retried_with_repeated_heads(emulated_varlen):
+    monkeypatch, _ = emulated_varlen
+    monkeypatch.setattr(attention, "_VARLEN_ARGS", VARLEN_APIS["torch-2.11"])
+    monkeypatch.setattr(attention, "_native_gqa", [True])
+
+    def out_of_memory(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attention, "varlen_attn", out_of_memory)
+    q, k, v = torch.randn(8, 4, 8), torch.randn(8, 2, 8), torch.randn(8, 2, 8)
+    with pytest.raises(torch.OutOfMemoryError):
+        segment_attention(q, k, v, make_segments([0, 8], "sdpa", q.device, q.dtype), causal=True, impl="sdpa")
+    assert attention._native_gqa == [True]  # the grouped path stays for the next call

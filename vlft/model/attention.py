@@ -32,7 +32,8 @@ try:  # torch >= 2.10: FlashAttention varlen kernels shipped with torch itself (
     from torch.nn.attention.varlen import varlen_attn
 
     # 2.10 takes `is_causal`; 2.11 replaced it with `window_size` ((-1, 0) = causal); 2.12 added `enable_gqa`, without
-    # which it refuses fewer key/value heads than query heads (earlier releases accept them without the flag)
+    # which it refuses fewer key/value heads than query heads (earlier releases should take them without the flag; not
+    # yet seen on a GPU, so _torch_varlen repeats the key/value heads if one refuses)
     _VARLEN_ARGS = frozenset(inspect.signature(varlen_attn).parameters)
     HAS_VARLEN = True
 except Exception:  # pragma: no cover - torch < 2.10
@@ -131,8 +132,9 @@ def _torch_varlen(q_NHD, k_NHD, v_NHD, seg: Segments, causal: bool) -> torch.Ten
         k_NHD, v_NHD = (x.repeat_interleave(groups, dim=1) for x in (k_NHD, v_NHD))
     try:
         return varlen_attn(q_NHD, k_NHD, v_NHD, seg.cu_device, seg.cu_device, seg.max_len, seg.max_len, **kw)
-    except (ValueError, RuntimeError):
-        if groups == 1 or "enable_gqa" in _VARLEN_ARGS or not _native_gqa[0]:
+    except (ValueError, RuntimeError) as e:
+        if (groups == 1 or "enable_gqa" in _VARLEN_ARGS or not _native_gqa[0]
+                or isinstance(e, torch.OutOfMemoryError)):  # out of memory is not a refusal: never retry larger
             raise
         _native_gqa[0] = False  # the kernel takes grouped heads; only an API check can refuse them: repeat them
         return _torch_varlen(q_NHD, k_NHD, v_NHD, seg, causal)
