@@ -34,8 +34,8 @@ from vlft.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
 from vlft.config import ExperimentConfig, check_inputs, dump_yaml, load_experiment, to_dict
 from vlft.data.collator import to_device
 from vlft.data.dataset import skip_summary
-from vlft.data.lengths import dataset_lengths, epoch_lengths
-from vlft.data.sampler import PlanSettings, describe, plan_epoch, rank_share
+from vlft.data.lengths import dataset_lengths, epoch_lengths, epoch_zero_plan
+from vlft.data.sampler import PlanSettings, plan_epoch, rank_share
 from vlft.data.streaming import TrainStream, pad_plan, window_size
 from vlft.distributed import (backward, eval_rank_batches, is_deepspeed, make_accelerator, optimizer_step,
                               reduce_sum, zero_stage)
@@ -157,10 +157,7 @@ def _length_index(cfg: ExperimentConfig, accelerator, train_ds) -> list[list[int
 
 def _steps_per_epoch(cfg, plan: PlanSettings, train_ds, lengths, world: int) -> tuple[int, str]:
     """Optimizer steps in an epoch (from epoch 0's plan) and a line that says what a micro-batch holds."""
-    train_ds.set_epoch(0)
-    in_order = epoch_lengths(train_ds, lengths)
-    micro_batches = plan_epoch(in_order, plan, 0)
-    steps, note = describe(micro_batches, in_order, plan, world, cfg.train.gradient_accumulation)
+    steps, note = epoch_zero_plan(train_ds, lengths, plan, world, cfg.train.gradient_accumulation)
     if steps == 0:
         raise UserError(f"{len(train_ds)} training samples cannot fill one optimizer step ({note})")
     return steps, note

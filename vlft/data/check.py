@@ -127,8 +127,8 @@ def plan_report(cfg: DataConfig, tokenizer, micro_batch_size: int, gradient_accu
     """The training batch plan of epoch 0, as the run will print it: how full packed rows are (real tokens / row
     capacity) and the steps per epoch. Measures (and caches) the length index when packing or grouping needs it."""
     from vlft.data import build_datasets
-    from vlft.data.lengths import dataset_lengths, epoch_lengths
-    from vlft.data.sampler import PlanSettings, describe, plan_epoch
+    from vlft.data.lengths import dataset_lengths, epoch_zero_plan
+    from vlft.data.sampler import PlanSettings
 
     settings = PlanSettings.from_config(cfg, micro_batch_size)
     if any(d.streaming for d in cfg.datasets):  # a stream is planned window by window while it is read
@@ -137,9 +137,7 @@ def plan_report(cfg: DataConfig, tokenizer, micro_batch_size: int, gradient_accu
         return line
     train, _ = build_datasets(cfg, tokenizer)
     lengths = dataset_lengths(train, cfg.num_workers) if (settings.packing or settings.group_by_length) else None
-    train.set_epoch(0)
-    in_order = epoch_lengths(train, lengths)
-    _, line = describe(plan_epoch(in_order, settings, 0), in_order, settings, processes, gradient_accumulation)
+    _, line = epoch_zero_plan(train, lengths, settings, processes, gradient_accumulation)
     print(line, file=out or sys.stdout)
     return line
 

@@ -191,6 +191,17 @@ def dataset_lengths(dataset, num_workers: int = 0, write: bool = True) -> list[l
             for src, dc in zip(dataset.sources, dataset.datasets)]
 
 
+def epoch_zero_plan(dataset, lengths: list[list[int]] | None, settings, world: int,
+                    gradient_accumulation: int) -> tuple[int, str]:
+    """Optimizer steps of epoch 0's batch plan and the line that says what a micro-batch holds (sampler.describe):
+    what a training run prints, and `vlft data check` reports."""
+    from vlft.data.sampler import describe, plan_epoch
+
+    dataset.set_epoch(0)
+    in_order = epoch_lengths(dataset, lengths)
+    return describe(plan_epoch(in_order, settings, 0), in_order, settings, world, gradient_accumulation)
+
+
 def epoch_lengths(dataset, lengths: list[list[int]] | None) -> list[int]:
     """Token counts in the order of the dataset's current epoch (zeros when no index was needed)."""
     if lengths is None:
