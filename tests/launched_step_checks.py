@@ -1,11 +1,11 @@
-"""Run under `accelerate launch` by tests/test_step_checks.py (not a test module itself).
+"""Run under `accelerate launch` by tests (not a test module itself).
 
     launched_step_checks.py nan CONFIG OUT.json      an inf loss in the middle of an accumulation window on one rank
                                                      drops the whole step: trainable and optimizer state unchanged
     launched_step_checks.py count CONFIG OUT.json    collectives made from Python per optimizer step of the loop
     launched_step_checks.py stream CONFIG OUT.json   which records of a streamed dataset each rank trained on, by epoch
 
-Rank 0 writes OUT.json.
+Rank 0 writes OUT.json. tests/test_step_checks.py runs the first two, tests/test_streaming.py the third.
 """
 
 from __future__ import annotations
@@ -31,45 +31,34 @@ def full_state(s) -> dict[str, torch.Tensor]:
 
 
 def check_nan(recipe, cfg) -> dict:
-    from tqdm import tqdm
-
-    s = recipe.build(cfg)
-    state = recipe.resume(s)
-    s.progress = tqdm(disable=True)
-    s.stream = recipe.DataStream(s, state["position"])
-    history: list = []
-    forward, calls = recipe.forward, {"n": 0}
-    rank = s.accelerator.process_index
+    """The real loop (recipe.run) with one poisoned micro-batch; the trainable and optimizer state is gathered
+    around each of the first three steps' finish_step, where a step is applied or dropped."""
+    forward, finish, calls, steps = recipe.forward, recipe.finish_step, {"n": 0}, []
 
     def poisoned(setup, batch):
         out = forward(setup, batch)
         calls["n"] += 1
         # the 2nd of 3 micro-batches of the 2nd step, on rank 1 only. An infinite loss whose gradients stay finite:
         # DeepSpeed's own overflow check (which skips steps with non-finite gradients) does not see it.
-        if calls["n"] == cfg.train.gradient_accumulation + 2 and rank == 1:
+        if calls["n"] == cfg.train.gradient_accumulation + 2 and setup.accelerator.process_index == 1:
             out.loss_sum = out.loss_sum + float("inf")
         return out
 
-    recipe.forward = poisoned
+    def observed(s, state, pending, totals, history):
+        before = full_state(s)  # collective: every rank finishes the same steps
+        finish(s, state, pending, totals, history)
+        steps.append({"before": before, "after": full_state(s), "step": state["step"],
+                      "skipped_steps": state["skipped_steps"]})
 
-    def step():
-        window = s.stream.window()
-        counts = recipe.bookkeeping(s, window, None)
-        pending = recipe.forward_backward(s, window, counts["label_tokens"])
-        pending["counts"] = counts
-        recipe.finish_step(s, state, pending, recipe.bookkeeping(s, None, pending), history)
-
-    step()
-    before = full_state(s)
-    step()  # poisoned
-    after_bad = full_state(s)
-    step()
-    after_good = full_state(s)
-    s.stream.close()
-    return {"steps": state["step"], "skipped_steps": state["skipped_steps"], "tensors": len(before),
-            "optimizer_tensors": sum(k.startswith("opt/") for k in before),
-            "unchanged": all(torch.equal(before[k], after_bad[k]) for k in before) and before.keys() == after_bad.keys(),
-            "changed_after_next_good_step": any(not torch.equal(before[k], after_good[k]) for k in before)}
+    recipe.forward, recipe.finish_step = poisoned, observed
+    recipe.run(cfg)
+    bad, good = steps[1], steps[2]  # the poisoned step, and the one after it
+    return {"steps": good["step"], "skipped_steps": good["skipped_steps"], "tensors": len(bad["before"]),
+            "optimizer_tensors": sum(k.startswith("opt/") for k in bad["before"]),
+            "unchanged": bad["before"].keys() == bad["after"].keys()
+            and all(torch.equal(bad["before"][k], bad["after"][k]) for k in bad["before"]),
+            "changed_after_next_good_step": any(not torch.equal(bad["before"][k], good["after"][k])
+                                                for k in bad["before"])}
 
 
 def count_collectives(recipe, cfg) -> dict:
