@@ -9,15 +9,10 @@ model with equal outputs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
-from test_train_helpers import REPO, free_port, tiny_config
+from test_train_helpers import launch, tiny_config, train_losses
 
 N_SAMPLES, STEPS, SAVED = 12, 4, 2
 
@@ -31,20 +26,6 @@ def _rank_split_kinds(seed: int) -> list[str]:
     for position, (_, row) in enumerate(mix_order([N_SAMPLES], [1.0], seed)):
         kinds[row] = "text" if position % 2 == 0 else "image+video"
     return kinds
-
-
-def _launch(setup: str, cfg_path, timeout: int = 420, processes: int = 2, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
-           "--num_processes", str(processes), "--main_process_port", str(free_port()), "recipes/sft.py",
-           str(cfg_path), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{setup} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}"
-
-
-def _losses(out_dir) -> list[float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["split"] == "train"]
 
 
 def _outputs_with_adapter(ckpt) -> torch.Tensor:
@@ -67,11 +48,11 @@ def _run(tmp_path, data, setup: str):
                       checkpoint={"every": SAVED, "keep_last": 0})
     path = tmp_path / f"{setup}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    _launch(setup, path, timeout=180 if setup == "zero3" else 420)
+    launch("recipes/sft.py", path, setup=setup, timeout=180 if setup == "zero3" else 420)
     ckpt = tmp_path / setup / f"checkpoint-{STEPS:07d}"
     assert (ckpt / "COMPLETE").is_file()
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 10_000
-    return _losses(tmp_path / setup), ckpt
+    return train_losses(tmp_path / setup), ckpt
 
 
 @pytest.mark.slow
@@ -90,9 +71,10 @@ def test_ddp_zero2_and_zero3_agree(tmp_path):
     # 2 processes x accumulation 2 -> 1 process x accumulation 4, from the checkpoint of step SAVED: the same steps
     for setup, losses in (("zero2", zero2_losses), ("zero3", zero3_losses)):
         out = tmp_path / f"{setup}-1proc"
-        _launch(setup, tmp_path / f"{setup}.yaml", 420, 1, f"checkpoint.resume={tmp_path / setup}/"
-                f"checkpoint-{SAVED:07d}", "train.gradient_accumulation=4", f"train.output_dir={out}")
-        assert _losses(out) == pytest.approx(losses[SAVED:], abs=1e-5), setup
+        launch("recipes/sft.py", tmp_path / f"{setup}.yaml", f"checkpoint.resume={tmp_path / setup}/"
+               f"checkpoint-{SAVED:07d}", "train.gradient_accumulation=4", f"train.output_dir={out}", setup=setup,
+               processes=1)
+        assert train_losses(out) == pytest.approx(losses[SAVED:], abs=1e-5), setup
     with torch.no_grad():
         base = _outputs_with_adapter(None)
         ddp = _outputs_with_adapter(ddp_ckpt)

@@ -6,7 +6,6 @@ uninterrupted run. The uninterrupted reference runs in-process on 1 process with
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from test_train_helpers import REPO, free_port, run_in_process, tiny_config
+from test_train_helpers import REPO, free_port, run_in_process, tiny_config, train_losses
 
 from vlft.run_folder import complete_checkpoints
 from vlft.train_cli import make_tiny_data
@@ -34,11 +33,6 @@ def _config(tmp_path, out, **train) -> tuple:
     return path, cfg
 
 
-def _losses(out) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"]
-
-
 def _interrupt(cmd, out, env, timeout: float = 300) -> subprocess.CompletedProcess:
     """Start `cmd` in its own process group, wait for two logged steps, SIGTERM the whole group, wait for the end
     (at most `timeout` s; then the group is killed and TimeoutExpired raised)."""
@@ -46,7 +40,7 @@ def _interrupt(cmd, out, env, timeout: float = 300) -> subprocess.CompletedProce
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 2:
+        if (out / "metrics.jsonl").is_file() and len(train_losses(out)) >= 2:
             break
         time.sleep(0.2)
     assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.communicate()[1][-5000:]}"
@@ -65,7 +59,7 @@ def _check_and_resume(tmp_path, path, out, one_process: list[str]) -> None:
     assert len(done) == 1 and not list(out.glob(".tmp-*")), [p.name for p in out.iterdir()]
     step = int(done[0].name.split("-")[1])
     assert step >= 2 and step < LONG
-    cut = _losses(out)
+    cut = train_losses(out)
     assert len(cut) == step
     resumed = run_in_process(path, "checkpoint.resume=auto", f"train.max_steps={step + 2}", *one_process)["losses"]
     reference = run_in_process(path, f"train.output_dir={tmp_path / 'reference'}", f"train.max_steps={step + 2}",

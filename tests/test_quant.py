@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from model_fixtures import media_inputs
-from test_train_helpers import REPO, free_port, run_in_process, workspace
+from test_train_helpers import launch, run_in_process, train_losses, workspace
 from vlft.adapters import apply_lora, trainable_report
 from vlft.config import (ConfigError, ExperimentConfig, FreezeSection, LoraSection, QuantizationSection,
                          apply_overrides, build)
@@ -330,13 +327,8 @@ def test_qlora_ddp_two_processes_equals_one_process(tmp_path):
     ddp_cfg = dict(cfg, train={**cfg["train"], "gradient_accumulation": 1, "output_dir": str(tmp_path / "ddp")})
     ddp_path = tmp_path / "ddp.yaml"
     ddp_path.write_text(yaml.safe_dump(ddp_cfg))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), "recipes/sft.py", str(ddp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(single, abs=1e-5)
+    launch("recipes/sft.py", ddp_path)
+    assert train_losses(tmp_path / "ddp") == pytest.approx(single, abs=1e-5)
 
 
 def test_bitsandbytes_runs_without_the_kernels_package():

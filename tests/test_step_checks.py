@@ -6,13 +6,10 @@ stop request together)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-from test_train_helpers import REPO, free_port, tiny_config
+from test_train_helpers import launch, tiny_config
 
 from vlft.train_cli import make_tiny_data
 
@@ -23,12 +20,7 @@ def _launch(setup: str, mode: str, tmp_path, **train) -> dict:
     path = tmp_path / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / f"{mode}.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), "tests/launched_step_checks.py", mode,
-           str(path), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-10000:]}"
+    launch("tests/launched_step_checks.py", mode, path, out, setup=setup)
     return json.loads(out.read_text())
 
 

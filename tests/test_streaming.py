@@ -5,13 +5,10 @@ windows resume exactly too."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-from test_train_helpers import REPO, free_port, run_in_process, run_signalled_at, tiny_config, workspace
+from test_train_helpers import launch, run_in_process, run_signalled_at, tiny_config, workspace
 
 from vlft.train_cli import make_tiny_data
 
@@ -19,12 +16,7 @@ N = 40  # records; 2 ranks x 1 sample per micro-batch: 20 steps per pass over th
 
 
 def _launch(config, out_json, *overrides) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), "tests/launched_step_checks.py", "stream",
-           str(config), str(out_json), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-10000:]}"
+    launch("tests/launched_step_checks.py", "stream", config, out_json, *overrides)
     return json.loads(out_json.read_text())
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,25 @@ import yaml
 from vlft.demo.run import free_port  # noqa: F401  (re-exported for the multi-process tests)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(script, *args, setup: str = "cpu", processes: int = 2, env: dict | None = None,
+           timeout: int = 420) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `script` (a path from the repository root) with launch/accelerate/<setup>.yaml on
+    `processes` CPU processes and a free rendezvous port; fails the test, with the end of its output, unless it
+    exits 0."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
+           "--num_processes", str(processes), "--main_process_port", str(free_port()), str(script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{setup} on {processes} processes failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}"
+    return proc
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    """The training losses a run logged in OUTPUT_DIR/metrics.jsonl, in order."""
+    records = map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if r["split"] == "train"]
 
 
 def tiny_config(root: Path, paths: dict[str, str], **sections) -> dict:

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import yaml
 from test_export_memory import can_reset_peak
-from test_train_helpers import REPO, free_port, tiny_config
+from test_train_helpers import REPO, launch, tiny_config, train_losses
 
 CHECK = textwrap.dedent("""
     import json, sys
@@ -93,14 +90,6 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def _launch(setup: str, script, *args, env: dict | None = None) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{setup}.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{setup} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}"
-
-
 @pytest.mark.slow
 def test_partitions_equal_the_files(tmp_path):
     from safetensors.torch import save_file
@@ -122,7 +111,7 @@ def test_partitions_equal_the_files(tmp_path):
     cfg = tiny_config(tmp_path, {"train": "unused.jsonl", "tokenizer": "unused"})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "check.py").write_text(CHECK)
-    _launch("zero3", tmp_path / "check.py", tmp_path / "run.yaml", tmp_path)
+    launch(tmp_path / "check.py", tmp_path / "run.yaml", tmp_path, setup="zero3", timeout=600)
     for rank in range(2):
         got = json.loads((tmp_path / f"check-rank{rank}.json").read_text())
         assert got["tied"] and got["partitioned"] and got["gathered_fallback"], got
@@ -150,10 +139,9 @@ def _run(root, data, setup: str) -> tuple[list[float], list[int]]:
                              "gradient_accumulation": 1})
     cfg_path = root / f"{setup}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    _launch(setup, REPO / "recipes" / "bench_distributed.py", "--worker", out, cfg_path)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    growth = [json.loads((root / f"{setup}.memory-rank{r}.json").read_text())["load"] for r in range(2)]  # beside out
-    return [r["loss"] for r in records if r["split"] == "train"], growth
+    launch("recipes/bench_distributed.py", "--worker", out, cfg_path, setup=setup, timeout=600)
+    growth = [json.loads(_bench().memory_file(out, r).read_text())["load"] for r in range(2)]
+    return train_losses(out), growth
 
 
 @pytest.mark.slow
